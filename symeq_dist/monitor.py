@@ -1,0 +1,84 @@
+"""TensorBoard and logging set-up: rank 0 writes, every other rank gets a no-op monitor.
+
+Also saves image grids as PNG under <run_dir>/samples/. Must not import deepspeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs at INFO, other ranks at WARNING, all to stderr with the rank in the prefix."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"%(asctime)s [rank {rank}] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
+    """(N, C, H, W) in [0, 1] -> one (C, H', W') grid image."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / nrow))
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i].detach().float().cpu().clamp(0, 1)
+    return grid
+
+
+def save_png(grid: Tensor, path: Path) -> None:
+    """Write a (C, H, W) grid in [0, 1] as an 8-bit PNG (grey or RGB)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0))
+    image.save(path)
+
+
+class Monitor:
+    """Scalars, images and histograms to TensorBoard under <run_dir>/tb (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self.tb_dir = self.run_dir / "tb"
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(self.tb_dir)) if enabled else None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, images: Tensor, step: int, *, save_as: str | None = None) -> None:
+        """Log (N, C, H, W) images as one grid; optionally also save it as samples/<save_as>."""
+        if self.writer is None:
+            return
+        grid = make_grid(images)
+        self.writer.add_image(tag, grid, step)
+        if save_as is not None:
+            save_png(grid, self.run_dir / "samples" / save_as)
+
+    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,243 @@
+"""The ONE training loop. The order of one iteration is the method, so here it is in full.
+
+game.kind = symmetric, game.schedule = alternating (reference order, METHOD.md §4.1), per micro-batch:
+  1. x0 <- next data batch (uint8, this rank's micro batch); x <- binarise/scale(x0) + noise   [data RNG]
+  2. no_grad: z ~ q_phi(z | x), ancestral through the encoder                                 [wake RNG]
+  3. decoder engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; step
+  4. no_grad: z'_0 ~ pi, (z', x') ~ p_theta with the UPDATED theta                            [dream RNG]
+  5. encoder engine: loss = -log q_phi(z' | x'); ranks agree it is finite; backward; step
+schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5.
+game.kind = elbo: one joint engine; loss = -ELBO(x) (reparametrised / ZGR); backward; step; a no_grad
+dream feeds the decoder's MI monitor only.
+Then, once per iteration on every rank (ZeRO-3 forwards are collective):
+  6. MI monitors updated from the wake (encoder) and dream (decoder) distributions
+  7. the persistent limiting chain advances one step                                          [chain RNG]
+  8. every monitor.log_every: one stacked all-reduce of the interval means -> TensorBoard (rank 0);
+     every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
+Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from symeq_dist import checkpoint, game, sampling
+from symeq_dist.config import RunConfig
+from symeq_dist.data import add_noise, to_float
+from symeq_dist.dist import DistInfo, all_reduce
+from symeq_dist.engines import Engines
+from symeq_dist.metrics import MIMonitor, reduce_stats
+from symeq_dist.monitor import Monitor
+from symeq_dist.prior import Prior
+
+log = logging.getLogger(__name__)
+PURPOSES = ("data", "wake", "dream", "chain", "grid")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss was NaN/inf on some rank and the policy (or the skip cap) says stop."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
+    """One generator per (seed, rank, purpose): ranks draw different samples, a resume reproduces them."""
+    gens = {}
+    for i, purpose in enumerate(PURPOSES):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(np.random.SeedSequence([seed, rank, i]).generate_state(1)[0]))
+        gens[purpose] = gen
+    return gens
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, info: DistInfo, engines: Engines, prior: Prior, stream: Any,
+                 eval_images: Tensor, monitor: Monitor) -> None:
+        self.cfg, self.info, self.engines, self.prior = cfg, info, engines, prior
+        self.stream, self.monitor = stream, monitor
+        self.eval_images = eval_images                      # (num_grid, C, H, W) uint8, held-out
+        self.micro = cfg.micro_batch_size(info.world_size)
+        self.state = TrainState()
+        self.gens = make_generators(cfg.seed, info.rank, info.device)
+        self.mi = MIMonitor(cfg.monitor.mi_ema)
+        self.chain = self._init_chain()
+        self._sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=info.device))
+        self._count, self._tick = 0, time.perf_counter()
+
+    # ------------------------------------------------------------------ state
+    def _init_chain(self) -> Tensor:
+        num = max(1, self.cfg.sampling.num_chains // self.info.world_size)
+        return sampling.init_chain(
+            self.cfg.sampling.chain_init, decoder=self.engines.decoder, prior=self.prior, num=num,
+            generator=self.gens["chain"], device=self.info.device, image_shape=self.cfg.model.image_shape,
+            data=self._float(self.eval_images.to(self.info.device)))
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"train": asdict(self.state), "stream": self.stream.state_dict(), "chain": self.chain.cpu(),
+                "mi": self.mi.state_dict(), "gens": {k: g.get_state() for k, g in self.gens.items()},
+                "torch_rng": torch.get_rng_state()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self.state = TrainState(**state["train"])
+        self.stream.load_state_dict(state["stream"])
+        self.chain = state["chain"].to(self.info.device)
+        self.mi.load_state_dict(state["mi"], self.info.device)
+        for key, gen in self.gens.items():
+            gen.set_state(state["gens"][key])
+        torch.set_rng_state(state["torch_rng"])
+
+    # ------------------------------------------------------------------ one iteration
+    def _float(self, images: Tensor) -> Tensor:
+        return to_float(images, self.cfg.data).to(self.engines.dtype)
+
+    def _next_x(self) -> Tensor:
+        x0 = self._float(next(self.stream)["image"].to(self.info.device, non_blocking=True))
+        return add_noise(x0, self.cfg.data, self.gens["data"])
+
+    def _agree_finite(self, loss: Tensor) -> bool:
+        """All ranks agree whether every rank's loss is finite (one tiny all-reduce)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return all_reduce(bad, self.info, op="max").item() == 0
+
+    def _update(self, name: str, terms: game.Terms) -> bool:
+        """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
+        if not self._agree_finite(terms.loss):
+            return False
+        engine = self.engines[name]
+        engine.backward(terms.loss)
+        engine.step()
+        self._accumulate(f"train/{name}", terms.stats)
+        return True
+
+    def _symmetric_micro(self) -> bool:
+        enc, dec, g = self.engines.encoder, self.engines.decoder, self.gens
+        wake = game.complete_data(enc, dec, self._next_x(), g["wake"])
+        if self.cfg.game.schedule == "simultaneous":
+            dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
+            dec_terms, enc_terms = game.decoder_loss(dec, wake), game.encoder_loss(enc, dec, dreams)
+            ok = self._agree_finite(dec_terms.loss + enc_terms.loss)
+            ok = ok and self._update("decoder", dec_terms) and self._update("encoder", enc_terms)
+        else:
+            ok = self._update("decoder", game.decoder_loss(dec, wake))
+            if ok:  # the encoder learns from samples of the updated decoder
+                dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
+                ok = self._update("encoder", game.encoder_loss(enc, dec, dreams))
+        if ok:
+            self.mi.update("encoder", wake.dists)
+            self.mi.update("decoder", dreams.dists)
+        return ok
+
+    def _elbo_micro(self) -> bool:
+        enc, dec, joint = self.engines.encoder, self.engines.decoder, self.engines["joint"]
+        terms, wake = joint.module(game.elbo_loss, self.prior, self._next_x(), self.gens["wake"])
+        if not self._update("joint", terms):
+            return False
+        dreams = game.dream(dec, self.prior, self.micro, self.gens["dream"], self.info.device)
+        self.mi.update("encoder", wake.dists)
+        self.mi.update("decoder", dreams.dists)
+        return True
+
+    def _iteration(self) -> None:
+        micro_step = self._elbo_micro if self.cfg.game.kind == "elbo" else self._symmetric_micro
+        ok = all([micro_step() for _ in range(self.cfg.train.grad_accumulation)])
+        if not ok:
+            self._skip()
+        else:
+            self.state.consecutive_skips = 0
+            self.state.samples_seen += self.cfg.train.batch_size
+        self.chain = sampling.chain_step(self.engines.encoder, self.engines.decoder, self.chain,
+                                         self.gens["chain"])
+        self.state.step += 1
+
+    def _skip(self) -> None:
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        game_cfg = self.cfg.game
+        if game_cfg.nonfinite == "fail" or self.cfg.train.grad_accumulation > 1:
+            raise NonFiniteLoss(f"non-finite loss at step {self.state.step} (game.nonfinite={game_cfg.nonfinite}"
+                                f", accumulation {self.cfg.train.grad_accumulation}); lower the learning rates")
+        if self.state.consecutive_skips > game_cfg.max_consecutive_skips:
+            raise NonFiniteLoss(f"{self.state.consecutive_skips} consecutive non-finite steps at step "
+                                f"{self.state.step} (cap game.max_consecutive_skips); lower the learning rates")
+        log.warning("step %d: non-finite loss on some rank; both players skip this update", self.state.step)
+
+    # ------------------------------------------------------------------ monitoring
+    def _accumulate(self, prefix: str, stats: dict[str, Tensor]) -> None:
+        for key, value in stats.items():
+            self._sums[f"{prefix}/{key}"] += value.float()
+        self._count += 1 if prefix.endswith(("decoder", "joint")) else 0
+
+    def _log_scalars(self) -> dict[str, float]:
+        count = max(1, self._count)
+        stats = {k: v / count for k, v in self._sums.items()}
+        stats.update(self.mi.summary())
+        values = reduce_stats(stats, self.info)
+        elapsed = time.perf_counter() - self._tick
+        steps = self._count / self.cfg.train.grad_accumulation
+        values["perf/samples_per_s"] = self.cfg.train.batch_size * steps / max(elapsed, 1e-9)
+        values["perf/step_time_s"] = elapsed / max(steps, 1)
+        values["sys/skipped_steps"] = float(self.state.skipped_steps)
+        self.monitor.scalars(values, self.state.step)
+        self._sums.clear()
+        self._count, self._tick = 0, time.perf_counter()
+        return values
+
+    def log_images(self) -> None:
+        """Grids of data, reconstructions, random-code samples and the persistent chain (collective)."""
+        enc, dec, gen, step = self.engines.encoder, self.engines.decoder, self.gens["grid"], self.state.step
+        data = self._float(self.eval_images.to(self.info.device))
+        grids = {"data": data,
+                 "reconstruction": sampling.reconstruct(enc, dec, data, gen),
+                 "random_code": sampling.random_code(dec, self.prior, len(data), gen, self.info.device),
+                 "limiting_chain": sampling.chain_output(enc, dec, self.chain, gen)}
+        for name, images in grids.items():
+            self.monitor.image(f"samples/{name}", images.float(), step, save_as=f"{name}_{step:08d}.png")
+        for key, mi in self.mi.ema.items():
+            self.monitor.histogram(f"train/{key.split('/')[0]}/mi_hist/{key.split('/', 1)[1]}", mi, step)
+
+    def save_checkpoint(self) -> None:
+        meta = {"config": self.cfg.to_dict(), "samples_seen": self.state.samples_seen}
+        checkpoint.save(self.cfg.run_dir, self.state.step, self.engines, self.rank_state(), meta=meta,
+                        info=self.info, keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        """Run until train.steps; returns the last logged scalars (rank-averaged)."""
+        cfg, last = self.cfg, {}
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
+                   disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
+        self._tick = time.perf_counter()
+        while self.state.step < cfg.train.steps:
+            self._iteration()
+            step, done = self.state.step, self.state.step == cfg.train.steps
+            bar.update(1)
+            if step % cfg.monitor.log_every == 0 or done:
+                last = self._log_scalars()
+                bar.set_postfix(dec=f"{last.get('train/decoder/loss', float('nan')):.2f}",
+                                enc=f"{last.get('train/encoder/loss', float('nan')):.2f}")
+            if step % cfg.monitor.image_every == 0 or done:
+                self.log_images()
+            if step % cfg.checkpoint.every == 0 or done:
+                self.save_checkpoint()
+        bar.close()
+        self.monitor.flush()
+        return last
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.stream.close()

@@ -1,0 +1,351 @@
+"""Tests of symeq_dist.data: real tar shards of real MNIST-5k digits written to tmp_path and read back."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from symeq_dist.config import DataConfig
+from symeq_dist.data import (
+    DataExhausted,
+    TrainStream,
+    add_noise,
+    build_eval_batches,
+    build_train_stream,
+    load_manifest,
+    read_idx,
+    read_mnist_5k,
+    slot_shards,
+    to_float,
+    verify_shards,
+    write_fashion_mnist_shards,
+    write_mnist_shards,
+    write_shards,
+)
+from symeq_dist.data.shards import stratified_split
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+Digits = tuple[np.ndarray, np.ndarray]  # real MNIST-5k: images (5000, 28, 28) uint8, labels (5000,)
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    return read_mnist_5k()
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mnist")
+    write_mnist_shards(out, seed=0, samples_per_shard=100)
+    return out
+
+
+def small_shards(out: Path, digits: Digits, *, num: int, per_shard: int) -> Path:
+    """A `train` split of the first `num` real digits (shuffled) plus a 40-sample `valid` split."""
+    images, labels = digits
+    order = np.random.default_rng(123).permutation(len(labels))
+    train, valid = order[:num], order[num:num + 40]
+    write_shards(out, {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid])},
+                 dataset="digits", samples_per_shard=per_shard, meta={"seed": 123})
+    return out
+
+
+def take(stream: TrainStream, n: int) -> list[dict]:
+    return [next(stream) for _ in range(n)]
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["key"] == y["key"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> None:
+    data = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+
+
+# ---------------------------------------------------------------- writers
+
+def test_mnist_writer_counts_manifest_and_pixels(mnist_dir: Path, digits: Digits) -> None:
+    manifest = load_manifest(mnist_dir)
+    assert manifest["dataset"] == "mnist" and manifest["image_shape"] == [1, 28, 28]
+    assert manifest["num_classes"] == 10 and manifest["seed"] == 0
+    assert manifest["binarize_threshold_hint"] == 112 and "command" in manifest
+    assert len(manifest["source"]["sha256"]) == 64
+    counts = {s: e["num_samples"] for s, e in manifest["splits"].items()}
+    assert counts == {"train": 4500, "valid": 500}
+    assert len(manifest["splits"]["train"]["shards"]) == 45
+    cfg = DataConfig(shards=str(mnist_dir))
+    train_idx, valid_idx = stratified_split(digits[1], seed=0, num_valid_per_class=50)
+    for split, idx, per_class in (("train", train_idx, 450), ("valid", valid_idx, 50)):
+        batches = list(build_eval_batches(cfg, split=split, batch_size=512))
+        images = torch.cat([b["image"] for b in batches])
+        labels = torch.cat([b["label"] for b in batches])
+        assert images.shape == (len(idx), 1, 28, 28) and images.dtype == torch.uint8
+        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() <= 9
+        assert torch.bincount(labels).tolist() == [per_class] * 10
+        assert len(set(keys_of(batches))) == len(idx)
+        # raw grey pixels, in the writer's shuffled order
+        assert np.array_equal(images[:, 0].numpy(), digits[0][idx])
+        assert np.array_equal(labels.numpy(), digits[1][idx])
+
+
+def test_mnist_writer_is_byte_identical(mnist_dir: Path, tmp_path: Path) -> None:
+    again = write_mnist_shards(tmp_path, seed=0, samples_per_shard=100)
+    tars = sorted(p.name for p in mnist_dir.glob("*.tar"))
+    assert tars == sorted(p.name for p in tmp_path.glob("*.tar")) and len(tars) == 50
+    for name in tars:
+        assert (mnist_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    assert again["splits"] == load_manifest(mnist_dir)["splits"]
+    entry = again["splits"]["valid"]["shards"][0]
+    assert hashlib.sha256((tmp_path / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+    assert verify_shards(tmp_path) == 50
+    corrupt = bytearray((tmp_path / entry["name"]).read_bytes())
+    corrupt[1000] ^= 1
+    (tmp_path / entry["name"]).write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match=entry["name"]):
+        verify_shards(tmp_path)
+
+
+def test_read_idx_round_trip(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    labels = np.arange(5, dtype=np.uint8)
+    write_idx(tmp_path / "images-idx3-ubyte", images)
+    write_idx(tmp_path / "labels-idx1-ubyte.gz", labels, compress=True)
+    assert np.array_equal(read_idx(tmp_path / "images-idx3-ubyte"), images)
+    assert np.array_equal(read_idx(tmp_path / "labels-idx1-ubyte.gz"), labels)
+
+
+def test_read_idx_errors(tmp_path: Path) -> None:
+    (tmp_path / "bad").write_bytes(b"PK\x03\x04" + bytes(20))
+    with pytest.raises(ValueError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "int32").write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 1) + bytes(4))
+    with pytest.raises(ValueError, match="0x0c is not supported"):
+        read_idx(tmp_path / "int32")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(3))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_idx_writer_on_synthetic_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    data = {prefix: (rng.integers(0, 256, (num, 28, 28), dtype=np.uint8),
+                     rng.integers(0, 10, num, dtype=np.uint8))
+            for prefix, num in (("train", 30), ("t10k", 10))}
+    for prefix, (images, labels) in data.items():
+        write_idx(idx_dir / f"{prefix}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(idx_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    manifest = write_fashion_mnist_shards(tmp_path / "out", idx_dir=idx_dir, samples_per_shard=8)
+    assert manifest["dataset"] == "fashion-mnist"
+    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 30, "valid": 10}
+    raw = gzip.decompress((idx_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    checksums = manifest["source"]["sha256_decompressed"]
+    assert checksums["train-images-idx3-ubyte.gz"] == hashlib.sha256(raw).hexdigest()
+    batches = list(build_eval_batches(DataConfig(shards=str(tmp_path / "out")), split="valid", batch_size=4))
+    assert [len(b["key"]) for b in batches] == [4, 4, 2]
+    assert np.array_equal(torch.cat([b["image"] for b in batches])[:, 0].numpy(), data["t10k"][0])
+    assert np.array_equal(torch.cat([b["label"] for b in batches]).numpy(), data["t10k"][1])
+
+
+def test_fashion_writer_missing_dir_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        write_fashion_mnist_shards(tmp_path / "out", idx_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(),
+                    reason="Fashion-MNIST missing: run `apt-get install dataset-fashion-mnist`")
+def test_fashion_writer_on_real_files(tmp_path: Path) -> None:
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    real = {}
+    for prefix, num in (("train", 300), ("t10k", 100)):  # a real slice keeps the test quick
+        images = read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+        assert len(images) == len(labels) == {"train": 60000, "t10k": 10000}[prefix]
+        real[prefix] = images[:num], labels[:num]
+        write_idx(idx_dir / f"{prefix}-images-idx3-ubyte", images[:num])
+        write_idx(idx_dir / f"{prefix}-labels-idx1-ubyte", labels[:num])
+    manifest = write_fashion_mnist_shards(tmp_path / "out", idx_dir=idx_dir, samples_per_shard=100)
+    assert manifest["image_shape"] == [1, 28, 28] and manifest["num_classes"] == 10
+    batches = list(build_eval_batches(DataConfig(shards=str(tmp_path / "out")), split="train", batch_size=64))
+    assert np.array_equal(torch.cat([b["image"] for b in batches])[:, 0].numpy(), real["train"][0])
+    assert np.array_equal(torch.cat([b["label"] for b in batches]).numpy(), real["train"][1])
+
+
+# ---------------------------------------------------------------- train stream
+
+def test_slots_are_disjoint_and_cover_the_split(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=400, per_shard=50)  # 8 shards, 2 per (rank, worker) slot
+    cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=30)
+    names = [e["name"] for e in load_manifest(tmp_path)["splits"]["train"]["shards"]]
+    slots = {}
+    for rank in range(2):
+        with build_train_stream(cfg, seed=0, rank=rank, world_size=2, batch_size=10) as stream:
+            batches = take(stream, 20)  # 10 batches of 10 per worker = one epoch of its 2 shards
+        for worker in range(2):
+            slot_keys = keys_of(batches[worker::2])
+            assert len(slot_keys) == len(set(slot_keys)) == 100
+            slots[rank, worker] = set(slot_keys)
+            shard_ids = [names.index(n) for n in slot_shards(names, rank=rank, worker=worker, world_size=2,
+                                                               num_workers=2)]
+            assert slots[rank, worker] == {f"{i:06d}" for s in shard_ids for i in range(50 * s, 50 * s + 50)}
+    sets = list(slots.values())
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert set().union(*sets) == {f"{i:06d}" for i in range(400)}
+
+
+def test_same_seed_and_rank_repeat_other_ranks_differ(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=400, per_shard=50)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=64)
+    runs = {}
+    for name, seed, rank in (("a", 3, 0), ("b", 3, 0), ("rank1", 3, 1), ("seed4", 4, 0)):
+        with build_train_stream(cfg, seed=seed, rank=rank, world_size=2, batch_size=16) as stream:
+            runs[name] = take(stream, 4)
+    batch = runs["a"][0]
+    assert batch["image"].shape == (16, 1, 28, 28) and batch["image"].dtype == torch.uint8
+    assert batch["label"].shape == (16,) and batch["label"].dtype == torch.int64
+    assert_same(runs["a"], runs["b"])
+    assert not set(keys_of(runs["a"])) & set(keys_of(runs["rank1"]))
+    assert keys_of(runs["a"]) != keys_of(runs["seed4"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("saved_after", [4, 5])
+def test_exact_resume(tmp_path: Path, digits: Digits, num_workers: int, saved_after: int) -> None:
+    # shards of 50, 50, 30 samples; batches of 24 cross each worker's epoch boundary within 7 batches
+    small_shards(tmp_path, digits, num=130, per_shard=50)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=20)
+    with build_train_stream(cfg, seed=7, rank=0, world_size=1, batch_size=24) as stream:
+        first = take(stream, saved_after)
+        state = json.loads(json.dumps(stream.state_dict()))
+        rest = take(stream, 7 - saved_after)
+    assert state["batches"] == saved_after
+    with build_train_stream(cfg, seed=7, rank=0, world_size=1, batch_size=24) as resumed:
+        resumed.load_state_dict(state)
+        assert_same(take(resumed, 7 - saved_after), rest)
+        assert resumed.state_dict()["batches"] == 7
+    assert len(first) == saved_after
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_runs_past_epoch_boundaries(tmp_path: Path, digits: Digits, num_workers: int) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50)  # unequal shards: 50, 50, 30
+    cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=16)
+    with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=10) as stream:
+        batches = take(stream, 78)  # 780 samples: 6 epochs of the whole split
+    assert all(len(b["key"]) == 10 for b in batches)
+    sizes = [130] if num_workers == 0 else [80, 50]  # worker 0 reads shards 0 and 2, worker 1 shard 1
+    for worker, size in enumerate(sizes):
+        keys = keys_of(batches[worker::len(sizes)])
+        epochs = [keys[i:i + size] for i in range(0, len(keys) - size + 1, size)]
+        assert len(epochs) >= 3 and all(len(set(e)) == size and set(e) == set(epochs[0]) for e in epochs)
+        assert epochs[0] != epochs[1]  # every epoch reshuffles
+
+
+def test_resume_with_another_layout_warns_and_continues(tmp_path: Path, digits: Digits,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0)
+    state = {"batches": 5, "world_size": 1, "num_workers": 1, "batch_size": 8, "seed": 0}
+    runs = []
+    for _ in range(2):
+        with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16) as stream:
+            with caplog.at_level(logging.WARNING, logger="symeq_dist.data.webdataset"):
+                stream.load_state_dict(state)
+            runs.append(take(stream, 3))
+            assert stream.state_dict()["batches"] == 8 and stream.state_dict()["origin"] == 5
+    assert "exact resume needs the same values" in caplog.text
+    assert_same(runs[0], runs[1])
+    with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16) as fresh:
+        assert keys_of(take(fresh, 3)) != keys_of(runs[0])
+        with pytest.raises(RuntimeError, match="before the first next"):
+            fresh.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_too_few_shards_names_the_fix(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50)  # 3 shards < 2 ranks x 2 workers
+    cfg = DataConfig(shards=str(tmp_path), num_workers=2)
+    with pytest.raises(ValueError, match="lower data.num_workers.*samples_per_shard"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=2, batch_size=8)
+
+
+def test_missing_manifest_names_the_command(tmp_path: Path) -> None:
+    cfg = DataConfig(shards=str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="symeq shards mnist --out"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=8)
+    with pytest.raises(FileNotFoundError, match="symeq shards"):
+        load_manifest(tmp_path)
+
+
+def test_bad_split_and_missing_shard(tmp_path: Path, digits: Digits) -> None:
+    images, labels = digits
+    write_shards(tmp_path, {"train": (images[:20], labels[:20]), "empty": (images[:0], labels[:0])},
+                 dataset="digits", samples_per_shard=10, meta={})
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0, split="test")
+    with pytest.raises(ValueError, match="available splits: train"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=4)
+    with pytest.raises(ValueError, match="'empty' has no shards"):
+        build_eval_batches(cfg, split="empty", batch_size=4)
+    (tmp_path / "digits-train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="digits-train-000001.tar"):
+        build_eval_batches(cfg, split="train", batch_size=4)
+    assert issubclass(DataExhausted, RuntimeError)
+
+
+# ---------------------------------------------------------------- transforms
+
+def test_to_float_threshold_and_grey() -> None:
+    image = torch.tensor([0, 111, 112, 255], dtype=torch.uint8).view(1, 1, 2, 2)
+    binary = to_float(image, DataConfig(binarize_threshold=112))
+    assert binary.dtype == torch.float32 and binary.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    grey = to_float(image, DataConfig(binarize_threshold=None, noise="gaussian"))
+    assert torch.allclose(grey.flatten(), torch.tensor([0, 111, 112, 255]) / 255.0)
+
+
+def test_add_noise_uses_only_the_generator() -> None:
+    x = torch.zeros(1000, 1, 28, 28)
+    flip = DataConfig(noise="flip", noise_level=0.1)
+    torch.manual_seed(1)
+    a = add_noise(x, flip, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)  # the global RNG must not matter
+    b = add_noise(x, flip, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and set(a.unique().tolist()) == {0.0, 1.0}
+    assert abs(a.mean().item() - 0.1) < 0.003
+    ones = add_noise(torch.ones_like(x), flip, torch.Generator().manual_seed(6))
+    assert abs((1 - ones).mean().item() - 0.1) < 0.003
+    assert not torch.equal(a, add_noise(x, flip, torch.Generator().manual_seed(6)))
+    gauss = add_noise(x, DataConfig(binarize_threshold=None, noise="gaussian", noise_level=0.5),
+                      torch.Generator().manual_seed(5))
+    assert abs(gauss.std().item() - 0.5) < 0.01 and abs(gauss.mean().item()) < 0.01
+    assert add_noise(x, DataConfig(noise="none"), torch.Generator()) is x
+
+
+def test_shards_survive_a_copy(tmp_path: Path, digits: Digits) -> None:
+    """The manifest holds names relative to its directory, so a shard directory can be moved."""
+    small_shards(tmp_path / "a", digits, num=40, per_shard=10)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    batches = [list(build_eval_batches(DataConfig(shards=str(tmp_path / d)), split="train", batch_size=16))
+               for d in "ab"]
+    assert_same(batches[0], batches[1])

@@ -1,0 +1,107 @@
+"""End-to-end runs in this process: real DeepSpeed engines (CPU, gloo), real shards, real TensorBoard files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from symeq_dist import checkpoint
+from symeq_dist.cli import SampleArgs, main, run_sampling, run_training
+from symeq_dist.config import ConfigError, load_config
+from symeq_dist.trainer import NonFiniteLoss
+from tests.conftest import tiny_overrides
+
+REQUIRED_SCALARS = ["train/decoder/loss", "train/encoder/loss", "perf/samples_per_s", "sys/skipped_steps"]
+REQUIRED_IMAGES = ["samples/data", "samples/reconstruction", "samples/random_code", "samples/limiting_chain"]
+
+
+def _events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in _events(run_dir).Scalars(tag)}
+
+
+def _train(tmp_path: Path, shards: Path, name: str, *extra: str) -> dict[str, float]:
+    return run_training(load_config(None, tiny_overrides(tmp_path / name, shards, *extra)))
+
+
+def test_tensorboard_tags_are_written_and_read_back(tmp_path: Path, mnist_shards: Path) -> None:
+    last = _train(tmp_path, mnist_shards, "run")
+    acc = _events(tmp_path / "run")
+    tags = acc.Tags()
+    for tag in REQUIRED_SCALARS:
+        assert tag in tags["scalars"], tag
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6]
+    mi_tags = {t for t in tags["scalars"] if "/mi/" in t}
+    assert {"train/encoder/mi/z_mean", "train/encoder/mi/z_dead_frac", "train/decoder/mi/x_mean"} <= mi_tags
+    assert set(REQUIRED_IMAGES) <= set(tags["images"])
+    assert [e.step for e in acc.Images("samples/limiting_chain")] == [3, 6]
+    assert last["train/decoder/loss"] == pytest.approx(acc.Scalars("train/decoder/loss")[-1].value, rel=1e-6)
+    assert (tmp_path / "run" / "samples" / "random_code_00000006.png").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_continues_bitwise(tmp_path: Path, mnist_shards: Path) -> None:
+    """A run stopped at its step-3 checkpoint and resumed logs exactly the losses of an uninterrupted run."""
+    extra = ("data.num_workers=1", "train.steps=6")
+    _train(tmp_path, mnist_shards, "full", *extra)
+    _train(tmp_path, mnist_shards, "part", "data.num_workers=1", "train.steps=3")
+    assert checkpoint.latest_dir(tmp_path / "part").name == "step_00000003"
+    _train(tmp_path, mnist_shards, "part", *extra, "resume=true")
+    for tag in ("train/decoder/loss", "train/encoder/loss", "train/encoder/mi/z_mean"):
+        full, resumed = _scalars(tmp_path / "full", tag), _scalars(tmp_path / "part", tag)
+        assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], tag  # bitwise equal floats
+    assert len(list((tmp_path / "part" / "ckpt").glob("step_*"))) == 2  # keep_last
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, mnist_shards: Path) -> None:
+    _train(tmp_path, mnist_shards, "run", "train.steps=3")
+    with pytest.raises(ConfigError, match=r"engines.decoder.lr: 0.0001 -> 0.002"):
+        _train(tmp_path, mnist_shards, "run", "train.steps=6", "resume=true", "engines.decoder.lr=2e-3")
+    with pytest.raises(ConfigError, match="already holds a checkpoint; pass resume=true"):
+        _train(tmp_path, mnist_shards, "run", "train.steps=6")
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path, mnist_shards: Path) -> None:
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+        _train(tmp_path, mnist_shards, "none", "resume=true")
+
+
+@pytest.mark.parametrize("extra", [("game.schedule=simultaneous",), ("game.kind=elbo",),
+                                   ("train.grad_accumulation=2",)])
+def test_variants_train(tmp_path: Path, mnist_shards: Path, extra: tuple[str, ...]) -> None:
+    last = _train(tmp_path, mnist_shards, "run", *extra)
+    key = "train/joint/loss" if "elbo" in extra[0] else "train/decoder/loss"
+    assert last[key] == last[key]  # finite and logged
+    assert "train/decoder/mi/x_mean" in last
+
+
+def test_hierarchical_ladder_trains_and_samples(tmp_path: Path, mnist_shards: Path) -> None:
+    _train(tmp_path, mnist_shards, "ladder", "model.kind=ladder", "model.num_z0=6", "model.num_z1=10",
+           "model.trunk_width=16", "model.mlp_width=16", "train.steps=3")
+    tags = _events(tmp_path / "ladder").Tags()["scalars"]
+    assert {"train/encoder/mi/z0_mean", "train/encoder/mi/z1_mean", "train/decoder/mi/z1_mean"} <= set(tags)
+    out = run_sampling(SampleArgs(tmp_path / "ladder", "limiting", 5, 4, tmp_path / "g.png", 0))
+    assert out.is_file()
+
+
+def test_nonfinite_policy(tmp_path: Path, mnist_shards: Path) -> None:
+    """An absurd learning rate drives the losses to inf/NaN: `fail` stops, `skip` counts then hits the cap."""
+    blowup = ("engines.decoder.lr=1e30", "engines.encoder.lr=1e30", "train.steps=40")
+    with pytest.raises(NonFiniteLoss, match="game.nonfinite=fail"):
+        _train(tmp_path, mnist_shards, "fail", *blowup, "game.nonfinite=fail")
+    with pytest.raises(NonFiniteLoss, match="consecutive non-finite steps"):
+        _train(tmp_path, mnist_shards, "skip", *blowup, "game.max_consecutive_skips=2")
+
+
+def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "configs/debug_cpu.yaml", "train.stpes=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert main(["train", "configs/debug_cpu.yaml", f"data.shards={tmp_path}"]) == 2
+    assert "symeq shards" in capsys.readouterr().err
