@@ -188,9 +188,12 @@ class SamplingConfig:
     """Persistent limiting chains (global), advanced one step per training iteration."""
     chain_init: Literal["random_code", "noise", "data"] = "random_code"
     """Start of the chains: a full decoder sample, uniform noise, or held-out data."""
+    chain_every: int = 1
+    """Advance the persistent chain every this many iterations (1 = reference; 0 = frozen, monitoring off)."""
 
     def __post_init__(self) -> None:
         _check(self.num_chains >= 1, "sampling.num_chains", "must be >= 1")
+        _check(self.chain_every >= 0, "sampling.chain_every", "must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -160,9 +160,11 @@ class Trainer:
         else:
             self.state.consecutive_skips = 0
             self.state.samples_seen += self.cfg.train.batch_size
-        self.chain = sampling.chain_step(self.engines.encoder, self.engines.decoder, self.chain,
-                                         self.gens["chain"])
         self.state.step += 1
+        every = self.cfg.sampling.chain_every
+        if every and self.state.step % every == 0:
+            self.chain = sampling.chain_step(self.engines.encoder, self.engines.decoder, self.chain,
+                                             self.gens["chain"])
 
     def _skip(self) -> None:
         self.state.skipped_steps += 1
@@ -216,13 +218,14 @@ class Trainer:
                         info=self.info, keep_last=self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> dict[str, float]:
-        """Run until train.steps; returns the last logged scalars (rank-averaged)."""
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Run until step `until` (default train.steps); returns the last logged scalars (rank-averaged)."""
         cfg, last = self.cfg, {}
+        until = cfg.train.steps if until is None else min(until, cfg.train.steps)
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
                    disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
         self._tick = time.perf_counter()
-        while self.state.step < cfg.train.steps:
+        while self.state.step < until:
             self._iteration()
             step, done = self.state.step, self.state.step == cfg.train.steps
             bar.update(1)

@@ -1,0 +1,130 @@
+"""Step-time overhead of the symeq-dist trainer against a minimal hand-written PyTorch loop.
+
+Both run the same game (alternating: wake sample, decoder Adam step, dream from the updated decoder,
+encoder Adam step) on the same model with the same global batch, in one process, interleaved in rounds
+so that machine drift hits both alike. Ours is the real Trainer (ZeRO-0, world size 1, its data stream
+from real shards, noise, finiteness agreement, MI monitors, logging) with the persistent monitoring chain
+either on (the default, one chain step per iteration) or off (`sampling.chain_every=0`). The plain loop
+reads batches from an in-memory tensor and does nothing but the game.
+
+    .venv/bin/python benchmarks/step_overhead.py [--config configs/demo_mnist_mlp.yaml] [--rounds 5]
+
+Prints the median seconds per step of each and the ratios ours / plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from symeq_dist import dist  # noqa: E402
+from symeq_dist.cli import build_trainer  # noqa: E402
+from symeq_dist.config import RunConfig, load_config  # noqa: E402
+from symeq_dist.data import build_eval_batches, load_manifest, to_float  # noqa: E402
+from symeq_dist.data.shards import write_mnist_shards  # noqa: E402
+from symeq_dist.models import build_players  # noqa: E402
+from symeq_dist.monitor import setup_logging  # noqa: E402
+from symeq_dist.prior import build_prior  # noqa: E402
+
+
+class PlainLoop:
+    """The game in plain PyTorch: two modules, two torch.optim.Adam, batches from memory."""
+
+    def __init__(self, cfg: RunConfig, images: torch.Tensor) -> None:
+        torch.manual_seed(cfg.seed)
+        self.encoder, self.decoder = build_players(cfg.model)
+        top = self.decoder.latent_names[0]
+        self.prior = build_prior(self.decoder.top_family, self.decoder.latent_shapes[top])
+        self.opt_enc = torch.optim.Adam(self.encoder.parameters(), lr=cfg.engines.encoder.lr)
+        self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg.engines.decoder.lr)
+        self.data = to_float(images, cfg.data)
+        self.batch, self.gen, self.cursor = cfg.train.batch_size, torch.Generator().manual_seed(0), 0
+        self.flip = cfg.data.noise_level
+
+    def step(self) -> None:
+        if self.cursor + self.batch > len(self.data):
+            self.cursor = 0
+        x = self.data[self.cursor:self.cursor + self.batch]
+        self.cursor += self.batch
+        x = torch.where(torch.rand(x.shape, generator=self.gen) < self.flip, 1 - x, x)
+        with torch.no_grad():
+            z, _ = self.encoder.sample(x, self.decoder, self.gen)
+        dists = self.decoder.conditionals(z)
+        loss = -sum(d.log_prob({**z, "x": x}[k]).mean() for k, d in dists.items())
+        self.opt_dec.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_dec.step()
+        with torch.no_grad():
+            z, x, _ = self.decoder.sample(self.prior.sample(self.batch, self.gen, x.device), self.gen)
+        dists = self.encoder.conditionals(x, z, self.decoder)
+        loss = -sum(d.log_prob(z[k]).mean() for k, d in dists.items())
+        self.opt_enc.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_enc.step()
+
+
+def time_steps(fn, steps: int) -> float:
+    start = time.perf_counter()
+    fn(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo_mnist_mlp.yaml")
+    parser.add_argument("--shards", type=Path, default=ROOT / "data_shards" / "mnist")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="steps per round and contender")
+    args = parser.parse_args()
+    try:
+        load_manifest(args.shards)
+    except FileNotFoundError:
+        write_mnist_shards(args.shards)
+    info = dist.init()
+    setup_logging(1)  # warnings only
+    torch.set_num_threads(torch.get_num_threads())
+    total = args.steps * (args.rounds + 1)
+    tmp = Path(tempfile.mkdtemp(prefix="symeq-bench-"))
+    common = [f"data.shards={args.shards}", f"train.steps={total}", "monitor.progress=false",
+              "monitor.image_every=1000000", "checkpoint.every=1000000", "monitor.log_every=100",
+              "engines.encoder.zero_stage=0", "engines.decoder.zero_stage=0"]
+    trainers = {name: build_trainer(load_config(args.config, [f"run_dir={tmp / name}", *common, *extra]), info)
+                for name, extra in (("ours", []), ("ours_no_chain", ["sampling.chain_every=0"]))}
+    cfg = trainers["ours"].cfg
+    images = torch.cat([b["image"] for b in build_eval_batches(cfg.data, split=cfg.data.split, batch_size=512)])
+    plain = PlainLoop(cfg, images)
+    contenders = {"plain": lambda n: [plain.step() for _ in range(n)]}
+    for name, trainer in trainers.items():
+        contenders[name] = lambda n, t=trainer: t.train(until=t.state.step + n)
+    for fn in contenders.values():  # warm-up round (allocations, worker start-up)
+        fn(args.steps)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, fn in contenders.items():
+            times[name].append(time_steps(fn, args.steps))
+    for trainer in trainers.values():
+        trainer.close()
+    med = {name: statistics.median(values) for name, values in times.items()}
+    print(f"model {cfg.model.kind} ({cfg.model.latent} latent), batch {cfg.train.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, torch threads {torch.get_num_threads()}")
+    for name, value in med.items():
+        print(f"  {name:14s} {value * 1e3:8.2f} ms/step   (rounds: "
+              f"{', '.join(f'{v * 1e3:.1f}' for v in times[name])})")
+    print(f"ratio ours/plain (with persistent chain):  {med['ours'] / med['plain']:.3f}")
+    print(f"ratio ours/plain (chain_every=0):          {med['ours_no_chain'] / med['plain']:.3f}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
