@@ -115,7 +115,7 @@ def build_engines(encoder: nn.Module, decoder: nn.Module, cfg: RunConfig, info: 
     base = load_ds_config(cfg.engines.ds_config)
     micro = cfg.micro_batch_size(info.world_size)
     dtype = torch.bfloat16 if base.get("bf16", {}).get("enabled") else torch.float32
-    kw = dict(micro_batch=micro, grad_accumulation=cfg.train.grad_accumulation, world_size=info.world_size)
+    kw = {"micro_batch": micro, "grad_accumulation": cfg.train.grad_accumulation, "world_size": info.world_size}
     encoder.to(info.device)
     decoder.to(info.device)
     if cfg.game.kind == "elbo":
@@ -128,6 +128,9 @@ def build_engines(encoder: nn.Module, decoder: nn.Module, cfg: RunConfig, info: 
                    for name, module, eng in (("encoder", encoder, cfg.engines.encoder),
                                              ("decoder", decoder, cfg.engines.decoder))}
     for name, engine in engines.items():
+        if info.world_size == 1 and zero_stage(engine) == 0:
+            # A one-rank gradient all-reduce only flattens and copies (measured: ~6% of a small step).
+            engine.enable_backward_allreduce = False
         log.info("engine %s: ZeRO stage %d, micro batch %d x accumulation %d x world %d",
                  name, engine.zero_optimization_stage(), micro, cfg.train.grad_accumulation, info.world_size)
     return Engines(engines=engines, encoder=encoder, decoder=decoder, dtype=dtype)

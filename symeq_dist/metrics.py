@@ -60,4 +60,4 @@ def reduce_stats(stats: dict[str, Tensor], info: DistInfo) -> dict[str, float]:
     keys = sorted(stats)
     stacked = torch.stack([stats[k].detach().float().reshape(()) for k in keys])
     all_reduce(stacked, info, op="mean")
-    return dict(zip(keys, stacked.tolist()))
+    return dict(zip(keys, stacked.tolist(), strict=True))

@@ -29,8 +29,8 @@ def setup_logging(rank: int) -> None:
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
     """(N, C, H, W) in [0, 1] -> one (C, H', W') grid image."""
     n, c, h, w = images.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / nrow))
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
     grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, nrow)

@@ -143,7 +143,7 @@ class Trainer:
         return ok
 
     def _elbo_micro(self) -> bool:
-        enc, dec, joint = self.engines.encoder, self.engines.decoder, self.engines["joint"]
+        dec, joint = self.engines.decoder, self.engines["joint"]
         terms, wake = joint.module(game.elbo_loss, self.prior, self._next_x(), self.gens["wake"])
         if not self._update("joint", terms):
             return False
@@ -154,7 +154,7 @@ class Trainer:
 
     def _iteration(self) -> None:
         micro_step = self._elbo_micro if self.cfg.game.kind == "elbo" else self._symmetric_micro
-        ok = all([micro_step() for _ in range(self.cfg.train.grad_accumulation)])
+        ok = all(micro_step() for _ in range(self.cfg.train.grad_accumulation))
         if not ok:
             self._skip()
         else:

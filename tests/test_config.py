@@ -52,7 +52,7 @@ def test_typos_and_bad_values_name_the_key(override: str, expected: str) -> None
 def test_micro_batch_must_divide() -> None:
     cfg = load_config(None, ["train.batch_size=30", "train.grad_accumulation=2"])
     assert cfg.micro_batch_size(1) == 15
-    with pytest.raises(ConfigError, match="not divisible by world size 2 x train.grad_accumulation 2"):
+    with pytest.raises(ConfigError, match=r"not divisible by world size 2 x train\.grad_accumulation 2"):
         cfg.micro_batch_size(2)
 
 

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from symeq_dist import checkpoint
 from symeq_dist.cli import SampleArgs, run_sampling
+from symeq_dist.config import ModelConfig
+from symeq_dist.models import build_players
 from tests.conftest import ROOT, tiny_overrides
 
 pytestmark = pytest.mark.dist
@@ -26,27 +29,25 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess
     return proc
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path, stage: int) -> None:
+@pytest.mark.parametrize("stage, kind", [(2, "symmetric"), (3, "symmetric"), (3, "elbo")])
+def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path, stage: int, kind: str) -> None:
     run_dir = tmp_path / f"zero{stage}"
     overrides = tiny_overrides(run_dir, mnist_shards, f"engines.encoder.zero_stage={stage}",
-                               f"engines.decoder.zero_stage={stage}", "train.steps=4", "checkpoint.every=4",
-                               "monitor.image_every=2")
+                               f"engines.decoder.zero_stage={stage}", f"game.kind={kind}", "train.steps=4",
+                               "checkpoint.every=4", "monitor.image_every=2")
     torchrun(2, overrides)
     ranks = [torch.load(run_dir / f"params_rank{r}.pt") for r in range(2)]
-    initial = torch.load(run_dir / "params_rank0.pt")  # structure check below
-    assert set(ranks[0]) == {"encoder", "decoder"} == set(initial)
-    for player in ("encoder", "decoder"):
-        assert ranks[0][player].keys() == ranks[1][player].keys()
-        for key, value in ranks[0][player].items():
-            assert value.numel() > 0, f"{player}.{key} is an empty (partitioned) tensor"
-            assert torch.equal(value, ranks[1][player][key]), f"{player}.{key} differs across ranks"
-    # the consolidated checkpoint (zero_to_fp32 at ZeRO-3) gives the same weights as the live engines
-    from symeq_dist.config import ModelConfig
-    from symeq_dist.models import build_players
-    from symeq_dist import checkpoint
+    engines = {"joint"} if kind == "elbo" else {"encoder", "decoder"}
+    assert set(ranks[0]) == engines == set(ranks[1])
+    for name in engines:
+        assert ranks[0][name].keys() == ranks[1][name].keys()
+        for key, value in ranks[0][name].items():
+            assert value.numel() > 0, f"{name}.{key} is an empty (partitioned) tensor"
+            assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs across ranks"
+    # the consolidated checkpoint (zero_to_fp32 at ZeRO-3) holds the weights the live engines hold
     encoder, decoder = build_players(ModelConfig(kind="mlp", hidden=32, num_latents=4))
     assert checkpoint.load_weights(run_dir, encoder, decoder) == 4
+    live = ranks[0]["joint"] if kind == "elbo" else {f"decoder.{k}": v for k, v in ranks[0]["decoder"].items()}
     for key, value in decoder.state_dict().items():
-        assert torch.equal(value, ranks[0]["decoder"][key].float()), key
+        assert torch.equal(value, live[f"decoder.{key}"].float()), key
     assert run_sampling(SampleArgs(run_dir, "limiting", 3, 4, tmp_path / "g.png", 0)).is_file()

@@ -81,7 +81,7 @@ def test_elbo_kl_is_analytic_for_gaussian_latent() -> None:
 
 
 def test_samples_are_reproducible_from_the_generator() -> None:
-    encoder, decoder, prior, _, x = _setup("ladder")
+    _, decoder, prior, _, _ = _setup("ladder")
     a = game.dream(decoder, prior, 4, torch.Generator().manual_seed(3), torch.device("cpu"))
     b = game.dream(decoder, prior, 4, torch.Generator().manual_seed(3), torch.device("cpu"))
     assert torch.equal(a.x, b.x) and all(torch.equal(a.z[k], b.z[k]) for k in a.z)

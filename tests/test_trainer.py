@@ -94,7 +94,7 @@ def test_hierarchical_ladder_trains_and_samples(tmp_path: Path, mnist_shards: Pa
 def test_nonfinite_policy(tmp_path: Path, mnist_shards: Path) -> None:
     """An absurd learning rate drives the losses to inf/NaN: `fail` stops, `skip` counts then hits the cap."""
     blowup = ("engines.decoder.lr=1e30", "engines.encoder.lr=1e30", "train.steps=40")
-    with pytest.raises(NonFiniteLoss, match="game.nonfinite=fail"):
+    with pytest.raises(NonFiniteLoss, match=r"game\.nonfinite=fail"):
         _train(tmp_path, mnist_shards, "fail", *blowup, "game.nonfinite=fail")
     with pytest.raises(NonFiniteLoss, match="consecutive non-finite steps"):
         _train(tmp_path, mnist_shards, "skip", *blowup, "game.max_consecutive_skips=2")
