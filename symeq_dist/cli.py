@@ -209,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as err:
         print(f"symeq: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        dist.shutdown()
     return 0
 
 

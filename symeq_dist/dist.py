@@ -7,6 +7,7 @@ Must not import models.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -60,6 +61,9 @@ def init(timeout_s: float = 600.0) -> DistInfo:
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend, rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=timeout_s))
+        # Torn down at process exit, not by library calls: DeepSpeed caches the groups, so several runs in
+        # one process (tests, notebooks) must keep the first process group.
+        atexit.register(shutdown)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

@@ -114,15 +114,18 @@ class Trainer:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         return all_reduce(bad, self.info, op="max").item() == 0
 
-    def _update(self, name: str, terms: game.Terms) -> bool:
-        """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
-        if not self._agree_finite(terms.loss):
-            return False
+    def _apply(self, name: str, terms: game.Terms) -> None:
         engine = self.engines[name]
         engine.backward(terms.loss)
         engine.step()
         self._accumulate(f"train/{name}", terms.stats)
-        return True
+
+    def _update(self, name: str, terms: game.Terms) -> bool:
+        """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
+        ok = self._agree_finite(terms.loss)
+        if ok:
+            self._apply(name, terms)
+        return ok
 
     def _symmetric_micro(self) -> bool:
         enc, dec, g = self.engines.encoder, self.engines.decoder, self.gens
@@ -131,7 +134,9 @@ class Trainer:
             dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
             dec_terms, enc_terms = game.decoder_loss(dec, wake), game.encoder_loss(enc, dec, dreams)
             ok = self._agree_finite(dec_terms.loss + enc_terms.loss)
-            ok = ok and self._update("decoder", dec_terms) and self._update("encoder", enc_terms)
+            if ok:
+                self._apply("decoder", dec_terms)
+                self._apply("encoder", enc_terms)
         else:
             ok = self._update("decoder", game.decoder_loss(dec, wake))
             if ok:  # the encoder learns from samples of the updated decoder

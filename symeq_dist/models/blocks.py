@@ -49,6 +49,17 @@ def unpack(value: Any) -> Any:
     return value
 
 
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in nested dicts/tuples/lists converted to `dtype` (no copy when already there)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
 class OpModule(nn.Module):
     """Base of the player modules: `forward(op, *args, **kwargs)` dispatches to the private `_<op>`.
 
@@ -63,6 +74,8 @@ class OpModule(nn.Module):
     def forward(self, op: str, *args: Any, **kwargs: Any) -> Any:
         if op not in self.OPS:
             raise ValueError(f"{type(self).__name__}: unknown op {op!r}; valid ops: {', '.join(self.OPS)}")
+        dtype = next(self.parameters()).dtype  # bf16 engines: inputs follow the weights
+        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
         return pack(getattr(self, f"_{op}")(*args, **kwargs))
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
