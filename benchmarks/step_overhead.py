@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=ROOT / "data_shards" / "mnist")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="steps per round and contender")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for our trainer")
     args = parser.parse_args()
     try:
         load_manifest(args.shards)
@@ -98,7 +99,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="symeq-bench-"))
     common = [f"data.shards={args.shards}", f"train.steps={total}", "monitor.progress=false",
               "monitor.image_every=1000000", "checkpoint.every=1000000", "monitor.log_every=100",
-              "engines.encoder.zero_stage=0", "engines.decoder.zero_stage=0"]
+              "engines.encoder.zero_stage=0", "engines.decoder.zero_stage=0", *args.overrides]
     trainers = {name: build_trainer(load_config(args.config, [f"run_dir={tmp / name}", *common, *extra]), info)
                 for name, extra in (("ours", []), ("ours_no_chain", ["sampling.chain_every=0"]))}
     cfg = trainers["ours"].cfg

@@ -111,6 +111,8 @@ class Trainer:
 
     def _agree_finite(self, loss: Tensor) -> bool:
         """All ranks agree whether every rank's loss is finite (one tiny all-reduce)."""
+        if self.info.world_size == 1:
+            return bool(torch.isfinite(loss.detach()))
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         return all_reduce(bad, self.info, op="max").item() == 0
 

@@ -74,8 +74,9 @@ class OpModule(nn.Module):
     def forward(self, op: str, *args: Any, **kwargs: Any) -> Any:
         if op not in self.OPS:
             raise ValueError(f"{type(self).__name__}: unknown op {op!r}; valid ops: {', '.join(self.OPS)}")
-        dtype = next(self.parameters()).dtype  # bf16 engines: inputs follow the weights
-        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:  # bf16 engines: inputs follow the weights (fp32 inputs pass untouched)
+            args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
         return pack(getattr(self, f"_{op}")(*args, **kwargs))
 
     def call(self, op: str, *args: Any, **kwargs: Any) -> Any:

@@ -118,10 +118,17 @@ class Bernoulli(Distribution):
         return _sum_event(per_bit)
 
     def mutual_information(self) -> Tensor:
-        """MI_i = H(mean_b p_bi) - mean_b H(p_bi) with smoothed p (METHOD §13.3)."""
+        """MI_i = H(mean_b p_bi) - mean_b H(p_bi) (METHOD §13.3).
+
+        The marginal is smoothed as in the reference (p(1-1e-6) + ½·1e-6); the conditional entropies are
+        computed from the logits, H = softplus(-l) + (1 - p) l, which never takes the log of 0 and needs no
+        smoothing (differs from the smoothed form by < 1e-5 nats per bit; 2x cheaper, it runs every step).
+        """
         with torch.no_grad():
-            p = _smooth(torch.sigmoid(self.logits.float().reshape(self.logits.shape[0], -1)))  # (B, D)
-            return _binary_entropy(p.mean(dim=0)) - _binary_entropy(p).mean(dim=0)
+            logits = self.logits.float().reshape(self.logits.shape[0], -1)  # (B, D)
+            p = torch.sigmoid(logits)
+            conditional = (F.softplus(-logits) + (1.0 - p) * logits).mean(dim=0)
+            return _binary_entropy(_smooth(p.mean(dim=0))) - conditional
 
 
 class Gaussian(Distribution):
