@@ -99,8 +99,12 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
     trainer = Trainer(cfg, info, engines, prior, stream, eval_images,
                       Monitor(Path(cfg.run_dir), enabled=info.is_main))
     if cfg.resume:
-        rank_state, meta = checkpoint.load(cfg.run_dir, engines, info)
-        _check_resume_config(cfg, meta["config"])
+        try:
+            rank_state, meta = checkpoint.load(cfg.run_dir, engines, info)
+            _check_resume_config(cfg, meta["config"])
+        except Exception:
+            trainer.close()
+            raise
         trainer.load_rank_state(rank_state)
         log.info("resumed at step %d", trainer.state.step)
     return trainer

@@ -39,9 +39,12 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
     return grid
 
 
-def save_png(grid: Tensor, path: Path) -> None:
-    """Write a (C, H, W) grid in [0, 1] as an 8-bit PNG (grey or RGB)."""
+def save_png(grid: Tensor, path: Path, *, min_size: int = 480) -> None:
+    """Write a (C, H, W) grid in [0, 1] as an 8-bit PNG (grey or RGB), enlarged by an integer factor
+    (nearest neighbour) until it is at least `min_size` pixels wide, so 28x28 digits are visible."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    scale = max(1, -(-min_size // grid.shape[-1]))
+    grid = grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     array = (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     image = Image.fromarray(array[0], mode="L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0))
     image.save(path)

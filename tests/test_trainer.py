@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from symeq_dist import checkpoint
 from symeq_dist.cli import SampleArgs, main, run_sampling, run_training
 from symeq_dist.config import ConfigError, load_config
 from symeq_dist.trainer import NonFiniteLoss
-from tests.conftest import tiny_overrides
+from tests.conftest import ROOT, tiny_overrides
 
 REQUIRED_SCALARS = ["train/decoder/loss", "train/encoder/loss", "perf/samples_per_s", "sys/skipped_steps"]
 REQUIRED_IMAGES = ["samples/data", "samples/reconstruction", "samples/random_code", "samples/limiting_chain"]
@@ -128,3 +133,32 @@ def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) 
     ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     with pytest.raises(ValueError, match="set 'gradient_clipping' explicitly"):
         _train(tmp_path, mnist_shards, "b", f"engines.ds_config={ds}")
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, mnist_shards: Path) -> None:
+    """SIGKILL a real `symeq train` process after its first checkpoint; `resume=true` then logs exactly the
+    losses of an uninterrupted run for every step after the checkpoint."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    def cmd(name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "symeq_dist.cli", "train", str(ROOT / "configs" / "debug_cpu.yaml"),
+                *tiny_overrides(tmp_path / name, mnist_shards, "train.steps=40", "checkpoint.every=10",
+                                "monitor.image_every=100"), *extra]
+
+    subprocess.run(cmd("full"), env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while checkpoint.latest_dir(tmp_path / "killed") is None and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    resumed_from = int(checkpoint.latest_dir(tmp_path / "killed").name.split("_")[1])
+    assert resumed_from < 40, "the run finished before it could be killed"
+    subprocess.run(cmd("killed", "resume=true"), env=env, check=True, capture_output=True, timeout=300)
+    for tag in ("train/decoder/loss", "train/encoder/loss"):
+        full, resumed = _scalars(tmp_path / "full", tag), _scalars(tmp_path / "killed", tag)
+        steps = range(resumed_from + 1, 41)
+        assert [resumed[s] for s in steps] == [full[s] for s in steps], tag
