@@ -26,7 +26,7 @@ fmnist:
 		|| echo "note: could not install dataset-fashion-mnist (needed only for configs/fmnist_ladder.yaml)"; fi
 
 demo: $(STAMP)
-	$(BIN)/python -m symeq_dist.demo
+	$(BIN)/symeq demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

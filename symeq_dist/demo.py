@@ -55,3 +55,7 @@ def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids:
     print(f"limiting-chain samples: {grids['limiting']}  (1000 steps of x -> z ~ q -> x ~ p)")
     print(f"run directory:          {run_dir}  (config.yaml, ckpt/, samples/, tb/)")
     print(f"TensorBoard:            tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)")
+
+
+if __name__ == "__main__":
+    run_demo()
