@@ -2,11 +2,11 @@
 
 Layout (STYLE.md §3.3):
 
-    <run_dir>/ckpt/step_00000500/encoder/...      engine.save_checkpoint(step_dir, tag="encoder"), all ranks
-    <run_dir>/ckpt/step_00000500/decoder/...      (ELBO: a single "joint" engine)
-    <run_dir>/ckpt/step_00000500/rank_00000.pt    TrainState, RNG states, stream position, chain, MI EMAs
-    <run_dir>/ckpt/step_00000500/meta.json        step, world size, engine names, config (rank 0, last)
-    <run_dir>/ckpt/latest                         "step_00000500", replaced by atomic rename after a barrier
+    <run_dir>/checkpoints/step_00000500/encoder/...      engine.save_checkpoint(step_dir, tag="encoder"), all ranks
+    <run_dir>/checkpoints/step_00000500/decoder/...      (ELBO: a single "joint" engine)
+    <run_dir>/checkpoints/step_00000500/rank_00000.pt    TrainState, RNG states, stream position, chain, MI EMAs
+    <run_dir>/checkpoints/step_00000500/meta.json        step, world size, engine names, config (rank 0, last)
+    <run_dir>/checkpoints/latest                         "step_00000500", replaced by atomic rename after a barrier
 
 A checkpoint is complete or invisible: `latest` only ever names a directory whose every file was
 written. The last `keep_last` complete checkpoints are kept. Must not import game.
@@ -36,7 +36,7 @@ class CheckpointError(RuntimeError):
 
 
 def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "ckpt"
+    return Path(run_dir) / "checkpoints"
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:

@@ -184,8 +184,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    num_chains: int = 64
-    """Persistent limiting chains (global), advanced one step per training iteration."""
+    num_chains: int = 16
+    """Persistent monitoring chains (global; the reference code uses 10), one step per training iteration."""
     chain_init: Literal["random_code", "noise", "data"] = "random_code"
     """Start of the chains: a full decoder sample, uniform noise, or held-out data."""
     chain_every: int = 1
@@ -199,11 +199,11 @@ class SamplingConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     run_dir: str = "runs/default"
-    """Everything of the run lives here: config.yaml, tb/, ckpt/, samples/."""
+    """Everything of the run lives here: config.yaml, tb/, checkpoints/, samples/."""
     seed: int = 0
     """The one seed; rank, worker and purpose streams derive from it."""
     resume: bool = False
-    """Continue from <run_dir>/ckpt/latest (error if there is none)."""
+    """Continue from <run_dir>/checkpoints/latest (error if there is none)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     game: GameConfig = field(default_factory=GameConfig)

@@ -53,7 +53,7 @@ def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids:
         print(f"  {tag:45s} {last[tag]:.4f}")
     print(f"\nrandom-code samples:    {grids['random']}")
     print(f"limiting-chain samples: {grids['limiting']}  (1000 steps of x -> z ~ q -> x ~ p)")
-    print(f"run directory:          {run_dir}  (config.yaml, ckpt/, samples/, tb/)")
+    print(f"run directory:          {run_dir}  (config.yaml, checkpoints/, samples/, tb/)")
     print(f"TensorBoard:            tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)")
 
 

@@ -64,7 +64,7 @@ def test_resume_continues_bitwise(tmp_path: Path, mnist_shards: Path) -> None:
     for tag in ("train/decoder/loss", "train/encoder/loss", "train/encoder/mi/z_mean"):
         full, resumed = _scalars(tmp_path / "full", tag), _scalars(tmp_path / "part", tag)
         assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], tag  # bitwise equal floats
-    assert len(list((tmp_path / "part" / "ckpt").glob("step_*"))) == 2  # keep_last
+    assert len(list((tmp_path / "part" / "checkpoints").glob("step_*"))) == 2  # keep_last
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, mnist_shards: Path) -> None:
