@@ -157,7 +157,10 @@ class MonitorConfig:
     image_every: int = 500
     """Image grids every this many steps (and at the last step)."""
     mi_ema: float = 0.99
-    """EMA factor of the mutual-information monitors."""
+    """EMA factor of the mutual-information monitors, per iteration (METHOD.md §13.3)."""
+    mi_every: int = 10
+    """Measure MI on every this-many-th iteration's batches (the EMA factor is adjusted to mi_ema**mi_every
+    per measurement, so the monitor averages over the same ~1/(1-mi_ema) iterations); 1 = every step."""
     num_grid: int = 64
     """Images per grid."""
     progress: bool = True
@@ -167,6 +170,7 @@ class MonitorConfig:
         _check(self.log_every >= 1, "monitor.log_every", "must be >= 1")
         _check(self.image_every >= 1, "monitor.image_every", "must be >= 1")
         _check(0 <= self.mi_ema < 1, "monitor.mi_ema", "must be in [0, 1)")
+        _check(self.mi_every >= 1, "monitor.mi_every", "must be >= 1")
         _check(self.num_grid >= 1, "monitor.num_grid", "must be >= 1")
 
 

@@ -10,7 +10,7 @@ schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5.
 game.kind = elbo: one joint engine; loss = -ELBO(x) (reparametrised / ZGR); backward; step; a no_grad
 dream feeds the decoder's MI monitor only.
 Then, once per iteration on every rank (ZeRO-3 forwards are collective):
-  6. MI monitors updated from the wake (encoder) and dream (decoder) distributions
+  6. every monitor.mi_every: MI monitors updated from the wake (encoder) and dream (decoder) distributions
   7. the persistent limiting chain advances one step                                          [chain RNG]
   8. every monitor.log_every: one stacked all-reduce of the interval means -> TensorBoard (rank 0);
      every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
@@ -74,7 +74,7 @@ class Trainer:
         self.micro = cfg.micro_batch_size(info.world_size)
         self.state = TrainState()
         self.gens = make_generators(cfg.seed, info.rank, info.device)
-        self.mi = MIMonitor(cfg.monitor.mi_ema)
+        self.mi = MIMonitor(cfg.monitor.mi_ema ** cfg.monitor.mi_every)
         self.chain = self._init_chain()
         self._sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=info.device))
         self._count, self._tick = 0, time.perf_counter()
@@ -144,19 +144,23 @@ class Trainer:
             if ok:  # the encoder learns from samples of the updated decoder
                 dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
                 ok = self._update("encoder", game.encoder_loss(enc, dec, dreams))
-        if ok:
+        if ok and self._measure_mi():
             self.mi.update("encoder", wake.dists)
             self.mi.update("decoder", dreams.dists)
         return ok
+
+    def _measure_mi(self) -> bool:
+        return self.state.step % self.cfg.monitor.mi_every == 0
 
     def _elbo_micro(self) -> bool:
         dec, joint = self.engines.decoder, self.engines["joint"]
         terms, wake = joint.module(game.elbo_loss, self.prior, self._next_x(), self.gens["wake"])
         if not self._update("joint", terms):
             return False
-        dreams = game.dream(dec, self.prior, self.micro, self.gens["dream"], self.info.device)
-        self.mi.update("encoder", wake.dists)
-        self.mi.update("decoder", dreams.dists)
+        if self._measure_mi():  # ELBO draws dreams only for the decoder's monitor
+            dreams = game.dream(dec, self.prior, self.micro, self.gens["dream"], self.info.device)
+            self.mi.update("encoder", wake.dists)
+            self.mi.update("decoder", dreams.dists)
         return True
 
     def _iteration(self) -> None:
