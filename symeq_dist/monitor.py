@@ -73,6 +73,11 @@ class Monitor:
         if save_as is not None:
             save_png(grid, self.run_dir / "samples" / save_as)
 
+    def image_hwc(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Log an already rendered (H, W, 3) uint8 picture (figures)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
         if self.writer is not None:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)

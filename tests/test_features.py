@@ -1,0 +1,214 @@
+"""Feature networks: the FD-clf classifier on real MNIST digits; the FID InceptionV3 (random init, real file if any)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from symeq_dist.data.shards import read_mnist_5k, write_shards
+from symeq_dist.features import (
+    CLASSIFIER_KEYS,
+    INCEPTION_FILE,
+    InceptionFeatures,
+    _tf_avg_pool,
+    inception_state_dict_template,
+    load_classifier_features,
+    load_inception_features,
+    train_classifier,
+)
+
+# pytorch-fid's FID InceptionV3 with the 1008-class fc, without AuxLogits. Derivation, independent of our code:
+# torchvision documents inception_v3 (aux_logits=True, 1000 classes) as 27,161,264 parameters. Its AuxLogits head
+# is conv0 768->128 1x1 (98,304 + BN 2*128) + conv1 128->768 5x5 (2,457,600 + BN 2*768) + fc 768->1000
+# (768,000 + 1,000) = 3,326,696, absent from the FID net: 23,834,568. The FID fc has 8 more classes, each
+# 2048 weights + 1 bias: + 16,392 = 23,850,960 ("about 23.9M"). The FID blocks (A, C, E_1, E_2) only change
+# pooling, which has no parameters. BatchNorm running statistics are buffers, not parameters.
+FID_INCEPTION_PARAMETERS = 27_161_264 - (98_304 + 256 + 2_457_600 + 1_536 + 768_000 + 1_000) + 8 * 2049
+assert FID_INCEPTION_PARAMETERS == 23_850_960
+
+
+def _inception_weights() -> Path | None:
+    env = os.environ.get("SYMEQ_INCEPTION_WEIGHTS")
+    home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    for path in (Path(env) if env else None, home / "hub" / "checkpoints" / INCEPTION_FILE):
+        if path is not None and path.is_file():
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """800 train / 200 valid real MNIST digits (a random subset of MNIST-5k) as packed shards."""
+    images, labels = read_mnist_5k()
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, valid = order[:800], order[800:1000]
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    write_shards(out, {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid])},
+                 dataset="tiny", samples_per_shard=400, meta={})
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_inception() -> InceptionFeatures:
+    torch.manual_seed(0)
+    return InceptionFeatures().eval()
+
+
+def _digits(num: int) -> torch.Tensor:
+    images, _ = read_mnist_5k()
+    return torch.from_numpy(images[::5000 // num][:num]).unsqueeze(1).float() / 255.0  # (num, 1, 28, 28)
+
+
+# ---------------------------------------------------------------- classifier
+
+def test_classifier_end_to_end(tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "classifier.pt"
+    info = train_classifier(tiny_shards, out, epochs=2, batch_size=64, feature_dim=32, progress=False)
+    assert info["path"] == str(out) and info["num_train"] == 800 and info["num_valid"] == 200
+    assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert re.fullmatch(r"FD-clf-[0-9a-f]{8}", info["name"]) and info["name"] == f"FD-clf-{info['sha256'][:8]}"
+    assert 0.5 < info["valid_accuracy"] <= 1.0  # chance is 0.1
+    assert [p.name for p in out.parent.iterdir()] == ["classifier.pt"]  # the temporary file is gone
+    checkpoint = torch.load(out, weights_only=True)
+    assert set(checkpoint) == set(CLASSIFIER_KEYS) and checkpoint["image_shape"] == [1, 28, 28]
+    assert checkpoint["num_classes"] == 10 and checkpoint["dataset"] == "tiny" and checkpoint["epochs"] == 2
+
+    features = load_classifier_features(out)
+    assert features.name == info["name"] and features.dim == 32 and not features.training
+    assert features.valid_accuracy == info["valid_accuracy"] and features.sha256 == info["sha256"]
+    assert all(not p.requires_grad for p in features.parameters())
+    with torch.no_grad():
+        embedded = features(_digits(6))
+    assert embedded.shape == (6, 32) and embedded.dtype == torch.float32 and torch.isfinite(embedded).all()
+    assert embedded.std(0).max() > 0  # different digits, different features
+    with torch.no_grad():
+        assert features.classify(_digits(6)).shape == (6, 10)
+    assert features.info() == {"name": info["name"], "dim": 32, "sha256": info["sha256"], "path": str(out),
+                               "valid_accuracy": info["valid_accuracy"], "dataset": "tiny", "epochs": 2, "seed": 0}
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        features(torch.rand(2, 1, 32, 32))
+
+
+def test_classifier_deterministic_under_seed(tiny_shards: Path, tmp_path: Path) -> None:
+    runs = [train_classifier(tiny_shards, tmp_path / name, epochs=1, seed=seed, feature_dim=16, progress=False)
+            for name, seed in (("a.pt", 3), ("b.pt", 3), ("c.pt", 4))]
+    assert runs[0]["sha256"] == runs[1]["sha256"]  # bytes do not depend on the file name
+    assert runs[0]["sha256"] != runs[2]["sha256"]
+
+
+@pytest.mark.slow
+def test_classifier_on_mnist_5k(mnist_shards: Path, tmp_path: Path) -> None:
+    """The default recipe (5 epochs) on the real MNIST-5k training split reaches >= 95% on its 500 held out."""
+    info = train_classifier(mnist_shards, tmp_path / "classifier.pt", progress=False)
+    assert info["num_train"] == 4500 and info["num_valid"] == 500 and info["epochs"] == 5
+    assert info["valid_accuracy"] >= 0.95
+    assert load_classifier_features(info["path"]).dim == 128
+
+
+def test_classifier_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="symeq eval train-features"):
+        load_classifier_features(tmp_path / "classifier.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(ValueError, match=r"not a classifier checkpoint.*symeq eval train-features"):
+        load_classifier_features(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}, "epochs": 1}, other)
+    with pytest.raises(ValueError, match="lacks"):
+        load_classifier_features(other)
+    torch.save(dict.fromkeys(CLASSIFIER_KEYS, 1) | {"state_dict": {}, "image_shape": [1, 28, 28]}, other)
+    with pytest.raises(ValueError, match="does not fit the classifier"):
+        load_classifier_features(other)
+
+
+def test_train_classifier_needs_valid_split(tmp_path: Path) -> None:
+    images, labels = read_mnist_5k()
+    write_shards(tmp_path, {"train": (images[:64], labels[:64])}, dataset="tiny", samples_per_shard=64, meta={})
+    with pytest.raises(ValueError, match="no 'valid' split"):
+        train_classifier(tmp_path, tmp_path / "classifier.pt", epochs=1, progress=False)
+
+
+# ---------------------------------------------------------------- Inception
+
+def test_inception_parameter_count() -> None:
+    with torch.device("meta"):
+        model = InceptionFeatures()
+    assert sum(p.numel() for p in model.parameters()) == FID_INCEPTION_PARAMETERS
+    template = inception_state_dict_template()
+    assert template["fc.weight"] == (1008, 2048) and template["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3)
+    assert template["Mixed_7c.branch_pool.conv.weight"] == (192, 2048, 1, 1)
+    assert template["Mixed_5b.branch_pool.conv.weight"] == (32, 192, 1, 1)
+    assert not any(key.startswith("AuxLogits") or key.endswith("num_batches_tracked") for key in template)
+    parameters = sum(v.numel() for k, v in template.items() if not k.endswith(("running_mean", "running_var")))
+    assert parameters == FID_INCEPTION_PARAMETERS
+
+
+def test_tf_average_pool_ignores_padding() -> None:
+    """FIDInceptionA/C/E_1 average-pool like TF: a constant map stays constant up to the border."""
+    assert torch.equal(_tf_avg_pool(torch.ones(1, 2, 5, 5)), torch.ones(1, 2, 5, 5))
+
+
+def test_inception_random_init_round_trip(random_inception: InceptionFeatures, tmp_path: Path) -> None:
+    grey = _digits(2)
+    with torch.no_grad():
+        features = random_inception(grey)
+    assert features.shape == (2, 2048) and features.dtype == torch.float32 and torch.isfinite(features).all()
+    assert random_inception.name == "FID" and random_inception.dim == 2048
+    assert features.abs().mean() > 1e-3  # He init: not the vanishing features of torch's default init
+    path = tmp_path / INCEPTION_FILE
+    state = random_inception.state_dict()
+    assert set(inception_state_dict_template()) == {k for k in state if not k.endswith("num_batches_tracked")}
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)  # old-style file
+    loaded = load_inception_features(path)
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and not loaded.training
+    assert loaded.info() == {"name": "FID", "dim": 2048, "sha256": loaded.sha256, "path": str(path)}
+    assert all(not p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():  # same weights, and grey images are replicated to RGB: the same features
+        torch.testing.assert_close(loaded(grey.expand(-1, 3, -1, -1)), features)
+
+
+def test_inception_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(INCEPTION_FILE)}.*nothing is downloaded.*"
+                                                r"--inception-weights PATH"):
+        load_inception_features(tmp_path / INCEPTION_FILE)
+
+
+def test_inception_wrong_files(tmp_path: Path) -> None:
+    # torchvision's ImageNet layout: an AuxLogits head and a 1000-class fc
+    torchvision_like = {k: torch.zeros(v) for k, v in inception_state_dict_template().items()}
+    torchvision_like["fc.weight"], torchvision_like["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    torchvision_like["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
+    path = tmp_path / "inception_v3_google.pth"
+    torch.save(torchvision_like, path)
+    with pytest.raises(ValueError, match=r"1 unexpected keys: AuxLogits\.fc\.weight; 2 keys with wrong shapes: "
+                                         r"fc\.bias .*fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+        load_inception_features(path)
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"472 missing keys: Conv2d_1a_3x3\..*1 unexpected keys: weight"):
+        load_inception_features(path)
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="not an Inception state dict"):
+        load_inception_features(path)
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="holds a list"):
+        load_inception_features(path)
+
+
+@pytest.mark.skipif(_inception_weights() is None,
+                    reason=f"no {INCEPTION_FILE}: set SYMEQ_INCEPTION_WEIGHTS or use $TORCH_HOME/hub/checkpoints")
+def test_real_inception_weights(tmp_path: Path) -> None:
+    path = _inception_weights()
+    assert path is not None
+    model = load_inception_features(path)
+    digits = _digits(4)
+    with torch.no_grad():
+        features = model(digits)
+        logits = model.fc(features)
+    assert features.shape == (4, 2048) and torch.isfinite(features).all() and (features >= 0).all()
+    assert logits.shape == (4, 1008) and features.std(0).max() > 0

@@ -1,0 +1,116 @@
+"""The t-SNE figure, report.json / report.md and the side-by-side comparison of evaluated runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from symeq_dist.report import compare_runs, tsne_figure, write_report
+
+
+def _codes(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    rng = np.random.default_rng(seed)
+    codes = {"prior": (rng.random((60, 8)) > 0.5).astype(np.float32),
+             "posterior": rng.normal(size=(60, 8)),
+             "limiting": rng.normal(1.0, 1.0, size=(60, 8))}
+    labels: dict[str, np.ndarray | None] = {"prior": None, "posterior": rng.integers(0, 10, 60),
+                                            "limiting": rng.integers(0, 10, 60)}
+    return codes, labels
+
+
+def _results(run_dir: str = "/runs/mnist_sym", n: int = 4500, fd_random: float = 12.34567) -> dict[str, Any]:
+    return {
+        "run_dir": run_dir, "step": 12000, "seed": 0, "n": n, "chain_steps": 1000, "game": "symmetric",
+        "fd": {"FD-clf-1a2b3c4d": {"random_code": fd_random, "limiting_chain": 15.5, "reconstruction": 3.25}},
+        "fd_networks": {"FD-clf-1a2b3c4d": {"kind": "classifier", "sha256": "1a2b3c4d" * 8, "valid_accuracy": 0.985}},
+        "fid_skipped": "no Inception weights file (pass --inception-weights)",
+        "consistency_gap": {"FD-clf-1a2b3c4d": 15.5 - fd_random},
+        "mi": {"encoder": {"z0": {"mean": 0.2, "active": 25, "dims": 30}, "z1": {"mean": 0.05, "active": 40,
+                                                                                   "dims": 100}},
+               "decoder": {"z1": {"mean": 0.1, "active": 60, "dims": 100}}},
+        "reconstruction_error": {"metric": "pixel error rate (mode image)", "value": 0.0321},
+        "probe": {"accuracy": 0.9123, "latent": "z0", "num_train": 4500, "num_test": 500},
+        "figures": {"tsne": "tsne.png"},
+    }
+
+
+def test_tsne_figure_writes_png_and_returns_rgb(tmp_path: Path) -> None:
+    codes, labels = _codes()
+    image = tsne_figure(codes, labels, tmp_path / "fig" / "tsne.png", seed=0, perplexity=5.0, title="codes")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    with Image.open(tmp_path / "fig" / "tsne.png") as png:
+        assert png.size == (image.shape[1], image.shape[0])
+    assert image.std() > 0  # something was drawn
+
+
+def test_tsne_figure_is_deterministic_under_the_seed(tmp_path: Path) -> None:
+    codes, labels = _codes()
+    kwargs: dict[str, Any] = {"seed": 3, "perplexity": 5.0, "max_points_per_set": 50}
+    first = tsne_figure(codes, labels, tmp_path / "a.png", **kwargs)
+    second = tsne_figure(copy.deepcopy(codes), copy.deepcopy(labels), tmp_path / "b.png", **kwargs)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_tsne_figure_rejects_bad_input(tmp_path: Path) -> None:
+    codes, labels = _codes()
+    with pytest.raises(ValueError, match="perplexity"):
+        tsne_figure(codes, labels, tmp_path / "x.png", perplexity=500.0)
+    with pytest.raises(ValueError, match="same width"):
+        tsne_figure({**codes, "prior": np.zeros((60, 3))}, labels, tmp_path / "x.png", perplexity=5.0)
+    with pytest.raises(ValueError, match="one per code"):
+        tsne_figure(codes, {**labels, "posterior": np.zeros(7)}, tmp_path / "x.png", perplexity=5.0)
+
+
+def test_write_report_writes_json_and_markdown(tmp_path: Path) -> None:
+    results = _results()
+    json_path, md_path = write_report(tmp_path / "eval", results)
+    assert json.loads(json_path.read_text()) == results
+    assert not list((tmp_path / "eval").glob("*.tmp"))
+    md = md_path.read_text()
+    for expected in ("12.3457", "15.5000", "3.2500", "3.1543", "FD-clf-1a2b3c4d", "checkpoint step: 12000",
+                     "FID skipped: no Inception weights", "0.9123", "0.0321", "| encoder | z1 | 0.0500 | 40 | 100 |",
+                     "(tsne.png)", "n (samples per set): 4500"):
+        assert expected in md, expected
+
+
+def _write_run(root: Path, name: str, results: dict[str, Any]) -> Path:
+    run_dir = root / name
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "report.json").write_text(json.dumps(results))
+    return run_dir
+
+
+def test_compare_runs_table_and_plot(tmp_path: Path) -> None:
+    sym = _write_run(tmp_path, "run_sym", _results(fd_random=12.34567))
+    elbo_results = _results(fd_random=8.5, n=1000)
+    elbo_results["game"] = "elbo"
+    elbo = _write_run(tmp_path, "run_elbo", elbo_results)
+    table = compare_runs([sym, elbo], tmp_path / "cmp" / "table.md", tmp_path / "cmp" / "fd.png")
+    for expected in ("run_sym (symmetric)", "run_elbo (elbo)", "12.3457", "8.5000", "0.9123",
+                     "| active latents encoder/z1 | 40/100 | 40/100 |", "differ in n"):
+        assert expected in table, expected
+    assert "differ in feature networks" not in table
+    assert (tmp_path / "cmp" / "table.md").read_text() == table
+    with Image.open(tmp_path / "cmp" / "fd.png") as png:
+        assert png.size[0] > 100
+
+
+def test_compare_runs_warns_about_different_networks(tmp_path: Path) -> None:
+    other = _results()
+    other["fd"] = {"FID": other["fd"].pop("FD-clf-1a2b3c4d")}
+    runs = [_write_run(tmp_path, "a", _results()), _write_run(tmp_path, "b", other)]
+    assert "differ in feature networks" in compare_runs(runs, None, None)
+    with pytest.raises(ValueError, match="share no feature network"):
+        compare_runs(runs, None, tmp_path / "fd.png")
+
+
+def test_compare_runs_missing_report_names_the_command(tmp_path: Path) -> None:
+    (tmp_path / "never_evaluated").mkdir()
+    with pytest.raises(FileNotFoundError, match="symeq eval"):
+        compare_runs([tmp_path / "never_evaluated"], None, None)
