@@ -96,7 +96,7 @@ def main() -> None:
     info = dist.init()
     setup_logging(1)  # warnings only
     torch.set_num_threads(torch.get_num_threads())
-    total = args.steps * (args.rounds + 1)
+    total = args.steps * (args.rounds + 1) + 1  # +1: the final-step checkpoint and grids stay out of the timing
     tmp = Path(tempfile.mkdtemp(prefix="symeq-bench-"))
     common = [f"data.shards={args.shards}", f"train.steps={total}", "monitor.progress=false",
               "monitor.image_every=1000000", "checkpoint.every=1000000", "monitor.log_every=100",
