@@ -231,7 +231,7 @@ def _probe(model: Model, opts: EvalOptions, gen: torch.Generator) -> dict[str, A
 
     def codes(split: str) -> tuple[Tensor, Tensor]:
         zs, ys = [], []
-        for batch in _data_batches(cfg, split, opts.n, opts.batch_size):
+        for batch in _data_batches(cfg, split, 1 << 62, opts.batch_size):  # whole splits, whatever n is
             with torch.no_grad():
                 _, dists = model.encoder.sample(batch["x"], model.decoder, gen)
             zs.append(torch.cat([d.mean().reshape(len(batch["x"]), -1).float() for d in dists.values()], 1))

@@ -106,7 +106,7 @@ class ClassifierFeatures(FeatureExtractor):
         return self.net(self._check(images))
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "valid_accuracy": self.valid_accuracy, "dataset": self.dataset,
+        return {**super().info(), "kind": "classifier", "valid_accuracy": self.valid_accuracy, "dataset": self.dataset,
                 "epochs": self.epochs, "seed": self.seed}
 
     def _check(self, images: Tensor) -> Tensor:
@@ -396,6 +396,9 @@ class InceptionFeatures(FeatureExtractor):
         for module in self.modules():  # He init keeps random-init features O(1) (torch's default fades to ~1e-8)
             if isinstance(module, nn.Conv2d) and not module.weight.is_meta:  # meta: shapes only, no init
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kind": "inception"}
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
