@@ -89,7 +89,8 @@ def test_classifier_end_to_end(tiny_shards: Path, tmp_path: Path) -> None:
     assert embedded.std(0).max() > 0  # different digits, different features
     with torch.no_grad():
         assert features.classify(_digits(6)).shape == (6, 10)
-    assert features.info() == {"name": info["name"], "kind": "classifier", "dim": 32, "sha256": info["sha256"], "path": str(out),
+    assert features.info() == {"name": info["name"], "kind": "classifier", "dim": 32, "sha256": info["sha256"],
+                               "path": str(out),
                                "valid_accuracy": info["valid_accuracy"], "dataset": "tiny", "epochs": 2, "seed": 0}
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
         features(torch.rand(2, 1, 32, 32))
@@ -167,7 +168,8 @@ def test_inception_random_init_round_trip(random_inception: InceptionFeatures, t
     torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)  # old-style file
     loaded = load_inception_features(path)
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and not loaded.training
-    assert loaded.info() == {"name": "FID", "kind": "inception", "dim": 2048, "sha256": loaded.sha256, "path": str(path)}
+    assert loaded.info() == {"name": "FID", "kind": "inception", "dim": 2048, "sha256": loaded.sha256,
+                             "path": str(path)}
     assert all(not p.requires_grad for p in loaded.parameters())
     with torch.no_grad():  # same weights, and grey images are replicated to RGB: the same features
         torch.testing.assert_close(loaded(grey.expand(-1, 3, -1, -1)), features)
