@@ -29,50 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from _common import PlainGame  # noqa: E402
+
 from symeq_dist import dist  # noqa: E402
 from symeq_dist.cli import build_trainer  # noqa: E402
-from symeq_dist.config import RunConfig, load_config  # noqa: E402
-from symeq_dist.data import build_eval_batches, load_manifest, to_float  # noqa: E402
+from symeq_dist.config import load_config  # noqa: E402
+from symeq_dist.data import build_eval_batches, load_manifest  # noqa: E402
 from symeq_dist.data.shards import write_mnist_shards  # noqa: E402
-from symeq_dist.models import build_players  # noqa: E402
 from symeq_dist.monitor import setup_logging  # noqa: E402
-from symeq_dist.prior import build_prior  # noqa: E402
-
-
-class PlainLoop:
-    """The game in plain PyTorch: two modules, two torch.optim.Adam, batches from memory."""
-
-    def __init__(self, cfg: RunConfig, images: torch.Tensor) -> None:
-        torch.manual_seed(cfg.seed)
-        self.encoder, self.decoder = build_players(cfg.model)
-        top = self.decoder.latent_names[0]
-        self.prior = build_prior(self.decoder.top_family, self.decoder.latent_shapes[top])
-        self.opt_enc = torch.optim.Adam(self.encoder.parameters(), lr=cfg.engines.encoder.lr)
-        self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg.engines.decoder.lr)
-        self.data = to_float(images, cfg.data)
-        self.batch, self.gen, self.cursor = cfg.train.batch_size, torch.Generator().manual_seed(0), 0
-        self.flip = cfg.data.noise_level
-
-    def step(self) -> None:
-        if self.cursor + self.batch > len(self.data):
-            self.cursor = 0
-        x = self.data[self.cursor:self.cursor + self.batch]
-        self.cursor += self.batch
-        x = torch.where(torch.rand(x.shape, generator=self.gen) < self.flip, 1 - x, x)
-        with torch.no_grad():
-            z, _ = self.encoder.sample(x, self.decoder, self.gen)
-        dists = self.decoder.conditionals(z)
-        loss = -sum(d.log_prob({**z, "x": x}[k]).mean() for k, d in dists.items())
-        self.opt_dec.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_dec.step()
-        with torch.no_grad():
-            z, x, _ = self.decoder.sample(self.prior.sample(self.batch, self.gen, x.device), self.gen)
-        dists = self.encoder.conditionals(x, z, self.decoder)
-        loss = -sum(d.log_prob(z[k]).mean() for k, d in dists.items())
-        self.opt_enc.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_enc.step()
 
 
 def time_steps(fn, steps: int) -> float:
@@ -105,7 +69,7 @@ def main() -> None:
                 for name, extra in (("ours", []), ("ours_no_chain", ["sampling.chain_every=0"]))}
     cfg = trainers["ours"].cfg
     images = torch.cat([b["image"] for b in build_eval_batches(cfg.data, split=cfg.data.split, batch_size=512)])
-    plain = PlainLoop(cfg, images)
+    plain = PlainGame(cfg, images)
     contenders = {"plain": lambda n: [plain.step() for _ in range(n)]}
     for name, trainer in trainers.items():
         contenders[name] = lambda n, t=trainer: t.train(until=t.state.step + n)
