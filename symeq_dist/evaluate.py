@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class Model:
     encoder: nn.Module
     decoder: nn.Module
     prior: Prior
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def load_model(run_dir: Path) -> Model:

@@ -155,8 +155,8 @@ def _probe_inputs(z: Tensor, y: Tensor, num_classes: int, name: str) -> tuple[Te
 
 
 @contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous count.
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous count (the probe, the FD classifier).
 
     Why: the probe's matrices are tiny, so on a shared or busy CPU the thread barriers cost 10x the arithmetic
     (measured: 100 ms vs 10 ms per LBFGS evaluation), and one thread fixes the reduction order, so the accuracy
@@ -216,7 +216,7 @@ def linear_probe_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # constant (dead) bits stay 0 after scaling
     # float32 for the fit: the transposed float64 matmul of the backward pass is 4x slower on CPU
     x_train, x_test = ((x_train - mean) / std).float(), ((x_test - mean) / std).float()
-    with _single_thread():
+    with single_thread():
         weight, bias = _fit_softmax(x_train, y_train, num_classes, epochs=epochs, lr=lr, seed=seed)
         predicted = (x_test @ weight + bias).argmax(1)
     return float((predicted == y_test).double().mean())

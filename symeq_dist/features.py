@@ -7,7 +7,6 @@ Must not import models, engines, dist or evaluate.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -15,7 +14,6 @@ import os
 import pickle
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +24,7 @@ from tqdm import tqdm
 
 from symeq_dist.config import DataConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
+from symeq_dist.fd import single_thread
 
 log = logging.getLogger(__name__)
 _Extractor = TypeVar("_Extractor", bound="FeatureExtractor")
@@ -138,7 +137,7 @@ def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: in
     image_shape, num_classes = tuple(manifest["image_shape"]), int(manifest["num_classes"])
     x_train, y_train = _read_split(shards_dir, manifest, "train")
     x_valid, y_valid = _read_split(shards_dir, manifest, "valid")
-    with _single_thread(), torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+    with single_thread(), torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
         torch.manual_seed(seed)
         net = _ConvClassifier(image_shape, num_classes, feature_dim)
         _fit(net, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
@@ -171,21 +170,6 @@ def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) ->
     if not labels:
         raise ValueError(f"the {split!r} split of {shards_dir} is empty; rewrite the shards")
     return torch.cat(images), torch.cat(labels)
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread, then restore the thread count.
-
-    The classifier's steps are too small for OpenMP to pay off (on a busy 2-core machine two threads were
-    3-10x slower than one), and one thread makes the weights independent of the machine's core count.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit(net: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, seed: int,
