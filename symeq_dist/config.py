@@ -80,7 +80,9 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle_buffer: int = 1000
-    """Samples held for shuffling in each worker."""
+    """Window of the epoch order within which samples are shuffled (after the shard/block permutation)."""
+    bad_samples: Literal["fail", "skip"] = "fail"
+    """A corrupt or missing sample: fail (error naming shard and key) or skip (dropped, counted in data/skipped)."""
 
     def __post_init__(self) -> None:
         if self.binarize_threshold is not None:

@@ -105,11 +105,13 @@ def _data_batches(cfg: RunConfig, split: str, n: int, batch_size: int) -> Iterat
     """At most n images of a split, in shard order, as the model saw them (binarised or scaled)."""
     seen = 0
     for batch in build_eval_batches(cfg.data, split=split, batch_size=batch_size):
-        take = min(len(batch["label"]), n - seen)
+        take = min(len(batch["image"]), n - seen)
         if take <= 0:
             return
         seen += take
-        yield {"x": to_float(batch["image"][:take], cfg.data), "label": batch["label"][:take]}
+        label = batch.get("label")
+        has_class = label is not None and label.ndim == 1  # attribute vectors are not classes
+        yield {"x": to_float(batch["image"][:take], cfg.data), "label": label[:take] if has_class else None}
 
 
 class Sets:
@@ -227,6 +229,9 @@ def _generated_pass(model: Model, acc: Accumulators, opts: EvalOptions, sets: Se
 def _probe(model: Model, opts: EvalOptions, gen: torch.Generator) -> dict[str, Any]:
     """Linear probe of the labels on the encoder's codes (probabilities / means of every latent)."""
     cfg = model.cfg
+    label = load_manifest(cfg.data.shards).get("label", {"kind": "class"})
+    if label is None or label.get("kind") != "class":
+        return None  # no class labels to probe (attributes or none)
 
     def codes(split: str) -> tuple[Tensor, Tensor]:
         zs, ys = [], []
@@ -308,7 +313,8 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
     step = results["step"]
     scalars = {f"eval/{net}/{s}": v for net, values in results["fd"].items() for s, v in values.items()}
     scalars.update({f"eval/{net}/gap": v for net, v in results["consistency_gap"].items()})
-    scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
+    if results["probe"] is not None:
+        scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
     scalars["eval/reconstruction_error"] = results["reconstruction_error"]["value"]
     for player, factors in results["mi"].items():
         for name, row in factors.items():

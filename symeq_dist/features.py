@@ -162,6 +162,10 @@ def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) ->
         raise ValueError(f"the shards in {shards_dir} have no {split!r} split (they have "
                          f"{sorted(manifest['splits'])}); the classifier trains on 'train' and reports "
                          "accuracy on 'valid': rewrite the shards with `symeq shards ...`")
+    label = manifest.get("label", {"kind": "class"})
+    if label is None or label.get("kind") != "class":
+        raise ValueError(f"the shards in {shards_dir} have no class labels (label: {label}); the FD-clf "
+                         "classifier needs them: train it on labelled shards, or use FID (--inception-weights)")
     cfg = DataConfig(shards=str(shards_dir), binarize_threshold=None, noise="none")
     images, labels = [], []
     for batch in build_eval_batches(cfg, split=split, batch_size=1024):

@@ -199,7 +199,9 @@ class Trainer:
         count = max(1, self._count)
         stats = {k: v / count for k, v in self._sums.items()}
         stats.update(self.mi.summary())
+        stats["data/skipped"] = torch.tensor(float(self.stream.skipped), device=self.info.device)
         values = reduce_stats(stats, self.info)
+        values["data/skipped"] *= self.info.world_size  # rank mean -> bad samples dropped by all ranks so far
         elapsed = time.perf_counter() - self._tick
         steps = self._count / self.cfg.train.grad_accumulation
         values["perf/samples_per_s"] = self.cfg.train.batch_size * steps / max(elapsed, 1e-9)

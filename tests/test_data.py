@@ -22,7 +22,7 @@ import torch
 
 from symeq_dist.config import DataConfig
 from symeq_dist.data import (
-    DataExhausted,
+    DataError,
     TrainStream,
     add_noise,
     build_eval_batches,
@@ -30,7 +30,6 @@ from symeq_dist.data import (
     load_manifest,
     read_idx,
     read_mnist_5k,
-    slot_shards,
     to_float,
     verify_shards,
     write_fashion_mnist_shards,
@@ -144,12 +143,13 @@ def test_mnist_writer_is_byte_identical(mnist_dir: Path, tmp_path: Path) -> None
     assert again["splits"] == load_manifest(mnist_dir)["splits"]
     entry = again["splits"]["valid"]["shards"][0]
     assert hashlib.sha256((tmp_path / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
-    assert verify_shards(tmp_path) == 50
+    report = verify_shards(tmp_path)
+    assert report.ok and (report.shards, report.samples) == (50, 5000)
     corrupt = bytearray((tmp_path / entry["name"]).read_bytes())
     corrupt[1000] ^= 1
     (tmp_path / entry["name"]).write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match=entry["name"]):
-        verify_shards(tmp_path)
+    report = verify_shards(tmp_path)
+    assert not report.ok and any(entry["name"] in p for p in report.problems)
 
 
 def test_read_idx_round_trip(tmp_path: Path) -> None:
@@ -249,7 +249,7 @@ def test_packed_round_trip(tmp_path: Path, digits: Digits) -> None:
     keys = keys_of(epoch)
     assert len(set(keys)) == 130 and keys != sorted(keys)
     assert_matches_source(epoch, source)
-    assert verify_shards(tmp_path) == 4
+    assert verify_shards(tmp_path).ok
 
 
 def test_packed_writer_is_byte_identical(tmp_path: Path, digits: Digits) -> None:
@@ -268,17 +268,17 @@ def test_per_sample_format_still_readable(tmp_path: Path, digits: Digits) -> Non
     assert manifest["format"] == "per_sample" and manifest["samples_per_member"] == 1
     members = tar_members(png / "digits-train-000000.tar")
     assert len(members) == 100 and sorted(members)[:2] == ["000000.cls", "000000.png"]
-    assert verify_shards(png) == 4
+    assert verify_shards(png).ok
     edit_manifest(png, format_version=1, format=None, samples_per_member=None)  # as written before packing
     for split in ("train", "valid"):
         assert_same(*[list(build_eval_batches(DataConfig(shards=str(d)), split=split, batch_size=32))
                       for d in (packed, png)])
-    runs = []
-    for shards in (packed, png):  # blocks are split before the shuffle buffer: the format changes nothing
+    for shards in (packed, png):  # the order permutes blocks or samples; either way one epoch = every sample
         cfg = DataConfig(shards=str(shards), num_workers=2, shuffle_buffer=20)
-        with build_train_stream(cfg, seed=5, rank=0, world_size=1, batch_size=24) as stream:
-            runs.append(take(stream, 8))
-    assert_same(*runs)
+        with build_train_stream(cfg, seed=5, rank=0, world_size=1, batch_size=26) as stream:
+            epoch = take(stream, 5)
+        assert sorted(keys_of(epoch)) == [f"{i:06d}" for i in range(130)]
+        assert_matches_source(epoch, source_of(digits))
 
 
 def test_default_format_follows_image_size(tmp_path: Path) -> None:
@@ -300,122 +300,151 @@ def test_format_errors_name_the_fix(tmp_path: Path, digits: Digits) -> None:
     small_shards(tmp_path, digits, num=40, per_shard=20)
     cfg = DataConfig(shards=str(tmp_path), num_workers=0)
     edit_manifest(tmp_path, image_shape=[1, 14, 56])
-    with pytest.raises(ValueError, match=r"shape \(1, 14, 56\) and int64 labels: rewrite the shards"):
+    with pytest.raises(DataError, match=r"digits-train-000000\.tar, block 000000: holds images uint8 .* uint8 "
+                                        r"\(1, 14, 56\)"):
         list(build_eval_batches(cfg, split="train", batch_size=8))
-    with pytest.raises(ValueError, match="rewrite the shards"):
-        verify_shards(tmp_path)
+    assert "digits-train-000001.tar, block 000020" in verify_shards(tmp_path).summary()
     edit_manifest(tmp_path, image_shape=[1, 28, 28], format="per_sample")
-    with pytest.raises(ValueError, match=r"lacks \['png', 'cls'\]"):
+    with pytest.raises(DataError, match=r"key 000000: missing member \.png"):
         list(build_eval_batches(cfg, split="train", batch_size=8))
     edit_manifest(tmp_path, format="zip")
     with pytest.raises(ValueError, match="format 'zip' is unknown"):
         build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=8)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["format"] = "packed"
-    manifest["splits"]["train"]["shards"][1]["num_samples"] = 19
+    manifest["splits"]["train"]["shards"][1]["num_samples"] = 12  # the tar holds 20: blocks of 16 and 4
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"digits-train-000001\.tar \(20 samples, the manifest says 19\)"):
-        verify_shards(tmp_path)
+    assert "digits-train-000001.tar: 2 sample groups, the manifest says 1" in verify_shards(tmp_path).summary()
 
 
 # ---------------------------------------------------------------- train stream
 
-def test_slots_are_disjoint_and_cover_the_split(tmp_path: Path, digits: Digits) -> None:
-    small_shards(tmp_path, digits, num=400, per_shard=50)  # 8 packed shards, 2 per (rank, worker) slot
-    cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=30)
-    names = [e["name"] for e in load_manifest(tmp_path)["splits"]["train"]["shards"]]
-    slots = {}
-    for rank in range(2):
-        with build_train_stream(cfg, seed=0, rank=rank, world_size=2, batch_size=10) as stream:
-            batches = take(stream, 20)  # 10 batches of 10 per worker = one epoch of its 2 shards
-        for worker in range(2):
-            slot_keys = keys_of(batches[worker::2])
-            assert len(slot_keys) == len(set(slot_keys)) == 100
-            slots[rank, worker] = set(slot_keys)
-            shard_ids = [names.index(n) for n in slot_shards(names, rank=rank, worker=worker, world_size=2,
-                                                               num_workers=2)]
-            assert slots[rank, worker] == {f"{i:06d}" for s in shard_ids for i in range(50 * s, 50 * s + 50)}
-    sets = list(slots.values())
-    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
-    assert set().union(*sets) == {f"{i:06d}" for i in range(400)}
+def epoch_keys(cfg: DataConfig, *, world_size: int, batch_size: int, steps: int, seed: int = 0) -> list[list[dict]]:
+    """`steps` batches of every rank of a `world_size` job."""
+    runs = []
+    for rank in range(world_size):
+        with build_train_stream(cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size) as s:
+            runs.append(take(s, steps))
+    return runs
 
 
-def test_same_seed_and_rank_repeat_other_ranks_differ(tmp_path: Path, digits: Digits) -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_equal_batches_per_rank_whatever_the_shard_count(tmp_path: Path, digits: Digits, num_workers: int) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50)  # 3 shards (50, 50, 30) for 2 ranks x 2 workers
+    cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=30)
+    runs = epoch_keys(cfg, world_size=2, batch_size=7, steps=130 // 14)  # one epoch: 9 steps of 14
+    assert all(len(b["key"]) == 7 and b["image"].shape == (7, 1, 28, 28) for run in runs for b in run)
+    rank0, rank1 = keys_of(runs[0]), keys_of(runs[1])
+    assert len(set(rank0)) == len(set(rank1)) == 63 and not set(rank0) & set(rank1)
+    assert len(set(rank0) | set(rank1)) == 126  # the 4 left over wait for another epoch
+    assert set(rank0) | set(rank1) <= {f"{i:06d}" for i in range(130)}
+    assert_matches_source(runs[0] + runs[1], source_of(digits))
+
+
+def test_same_seed_repeats_other_seeds_differ(tmp_path: Path, digits: Digits) -> None:
     small_shards(tmp_path, digits, num=400, per_shard=50)
     cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=64)
-    runs = {}
-    for name, seed, rank in (("a", 3, 0), ("b", 3, 0), ("rank1", 3, 1), ("seed4", 4, 0)):
-        with build_train_stream(cfg, seed=seed, rank=rank, world_size=2, batch_size=16) as stream:
-            runs[name] = take(stream, 4)
-    batch = runs["a"][0]
-    assert batch["image"].shape == (16, 1, 28, 28) and batch["image"].dtype == torch.uint8
-    assert batch["label"].shape == (16,) and batch["label"].dtype == torch.int64
-    assert_same(runs["a"], runs["b"])
-    assert not set(keys_of(runs["a"])) & set(keys_of(runs["rank1"]))
-    assert keys_of(runs["a"]) != keys_of(runs["seed4"])
+    a, b = (epoch_keys(cfg, world_size=2, batch_size=16, steps=4, seed=3)[0] for _ in range(2))
+    batch = a[0]
+    assert batch["image"].dtype == torch.uint8 and batch["label"].shape == (16,)
+    assert batch["label"].dtype == torch.int64
+    assert_same(a, b)
+    assert keys_of(a) != keys_of(epoch_keys(cfg, world_size=2, batch_size=16, steps=4, seed=4)[0])
+    in_process = epoch_keys(DataConfig(shards=str(tmp_path), num_workers=0, shuffle_buffer=64), world_size=2,
+                            batch_size=16, steps=4, seed=3)[0]
+    assert_same(a, in_process)  # workers only split the steps: the order does not depend on them
 
 
 @pytest.mark.parametrize("per_member", [16, 1], ids=["packed", "per_sample"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("saved_after", [4, 5])
 def test_exact_resume(tmp_path: Path, digits: Digits, num_workers: int, saved_after: int, per_member: int) -> None:
-    # shards of 50, 50, 30 samples; batches of 24 cross each worker's epoch boundary within 7 batches
-    small_shards(tmp_path, digits, num=130, per_shard=50, per_member=per_member)
+    small_shards(tmp_path, digits, num=130, per_shard=50, per_member=per_member)  # epoch = 5 steps of 24
     cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=20)
     with build_train_stream(cfg, seed=7, rank=0, world_size=1, batch_size=24) as stream:
         first = take(stream, saved_after)
         state = json.loads(json.dumps(stream.state_dict()))
-        rest = take(stream, 7 - saved_after)
-    assert state["batches"] == saved_after
+        rest = take(stream, 8 - saved_after)
+    epoch, step = divmod(saved_after, 5)
+    assert (state["batches"], state["epoch"], state["pos"]) == (saved_after, epoch, 24 * step)
     with build_train_stream(cfg, seed=7, rank=0, world_size=1, batch_size=24) as resumed:
         resumed.load_state_dict(state)
-        assert_same(take(resumed, 7 - saved_after), rest)
-        assert resumed.state_dict()["batches"] == 7
+        assert_same(take(resumed, 8 - saved_after), rest)
+        assert resumed.state_dict()["batches"] == 8
     assert len(first) == saved_after
+
+
+def test_exact_resume_with_two_ranks(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=130, per_shard=50, per_member=1)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=2, shuffle_buffer=20)
+    for rank in range(2):
+        with build_train_stream(cfg, seed=1, rank=rank, world_size=2, batch_size=10) as stream:
+            take(stream, 5)
+            state = stream.state_dict()
+            rest = take(stream, 6)  # crosses the epoch boundary (6 steps of 20 per epoch)
+        with build_train_stream(cfg, seed=1, rank=rank, world_size=2, batch_size=10) as resumed:
+            resumed.load_state_dict(state)
+            assert_same(take(resumed, 6), rest)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_runs_past_epoch_boundaries(tmp_path: Path, digits: Digits, num_workers: int) -> None:
-    small_shards(tmp_path, digits, num=130, per_shard=50)  # unequal shards: 50, 50, 30
+    small_shards(tmp_path, digits, num=130, per_shard=50)
     cfg = DataConfig(shards=str(tmp_path), num_workers=num_workers, shuffle_buffer=16)
     with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=10) as stream:
-        batches = take(stream, 78)  # 780 samples: 6 epochs of the whole split
-    assert all(len(b["key"]) == 10 for b in batches)
-    sizes = [130] if num_workers == 0 else [80, 50]  # worker 0 reads shards 0 and 2, worker 1 shard 1
-    for worker, size in enumerate(sizes):
-        keys = keys_of(batches[worker::len(sizes)])
-        epochs = [keys[i:i + size] for i in range(0, len(keys) - size + 1, size)]
-        assert len(epochs) >= 3 and all(len(set(e)) == size and set(e) == set(epochs[0]) for e in epochs)
-        assert epochs[0] != epochs[1]  # every epoch reshuffles
+        keys = keys_of(take(stream, 13 * 4))  # 4 epochs of 13 steps
+    epochs = [keys[i:i + 130] for i in range(0, len(keys), 130)]
+    assert all(set(e) == {f"{i:06d}" for i in range(130)} for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4  # every epoch reshuffles
 
 
-def test_resume_with_another_layout_warns_and_continues(tmp_path: Path, digits: Digits,
+def test_resume_on_another_layout_continues_the_epoch(tmp_path: Path, digits: Digits) -> None:
+    """2 ranks -> 1 rank -> 2 ranks (and other batch sizes / workers): the epoch is used once, in order."""
+    small_shards(tmp_path, digits, num=130, per_shard=50)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0, shuffle_buffer=30)
+    used: list[str] = []
+    state = None
+    for world_size, batch_size, steps, workers in ((2, 8, 3, 0), (1, 16, 2, 2), (2, 4, 3, 0)):
+        cfg = DataConfig(shards=str(tmp_path), num_workers=workers, shuffle_buffer=30)
+        for rank in range(world_size):
+            with build_train_stream(cfg, seed=2, rank=rank, world_size=world_size, batch_size=batch_size) as s:
+                if state is not None:
+                    s.load_state_dict(state)
+                used += keys_of(take(s, steps))
+                saved = s.state_dict()
+        state = saved
+    assert len(used) == 48 + 32 + 24 == len(set(used))  # no sample twice within the epoch
+    assert (state["epoch"], state["pos"], state["batches"]) == (0, 104, 8)
+    with build_train_stream(cfg, seed=2, rank=0, world_size=1, batch_size=104) as whole:
+        assert sorted(keys_of(take(whole, 1))) == sorted(used)  # the same epoch-0 order, any layout
+
+
+def test_resume_with_another_seed_starts_the_next_epoch(tmp_path: Path, digits: Digits,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     small_shards(tmp_path, digits, num=130, per_shard=50)
     cfg = DataConfig(shards=str(tmp_path), num_workers=0)
-    state = {"batches": 5, "world_size": 1, "num_workers": 1, "batch_size": 8, "seed": 0}
-    runs = []
-    for _ in range(2):
-        with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16) as stream:
-            with caplog.at_level(logging.WARNING, logger="symeq_dist.data.webdataset"):
-                stream.load_state_dict(state)
-            runs.append(take(stream, 3))
-            assert stream.state_dict()["batches"] == 8 and stream.state_dict()["origin"] == 5
-    assert "exact resume needs the same values" in caplog.text
-    assert_same(runs[0], runs[1])
-    with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16) as fresh:
-        assert keys_of(take(fresh, 3)) != keys_of(runs[0])
+    with build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16) as stream:
+        take(stream, 3)
+        state = stream.state_dict()
+    with build_train_stream(cfg, seed=1, rank=0, world_size=1, batch_size=16) as stream:
+        with caplog.at_level(logging.WARNING, logger="symeq_dist.data.stream"):
+            stream.load_state_dict(state)
+        assert stream.position == (1, 0) and stream.state_dict()["batches"] == 3
         with pytest.raises(RuntimeError, match="before the first next"):
-            fresh.load_state_dict(state)
+            take(stream, 1)
+            stream.load_state_dict(state)
+    assert "cannot continue; starting epoch 1" in caplog.text
+    with pytest.raises(ValueError, match="stream state version 1"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, batch_size=16).load_state_dict({"version": 1})
 
 
 # ---------------------------------------------------------------- errors
 
-def test_too_few_shards_names_the_fix(tmp_path: Path, digits: Digits) -> None:
-    small_shards(tmp_path, digits, num=130, per_shard=50)  # 3 shards < 2 ranks x 2 workers
+def test_fewer_samples_than_a_step_names_the_fix(tmp_path: Path, digits: Digits) -> None:
+    small_shards(tmp_path, digits, num=30, per_shard=50)
     cfg = DataConfig(shards=str(tmp_path), num_workers=2)
-    with pytest.raises(ValueError, match=r"lower data\.num_workers.*samples_per_shard"):
-        build_train_stream(cfg, seed=0, rank=0, world_size=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"30 samples, fewer than one step of 2 ranks x 16 = 32: lower train"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=2, batch_size=16)
 
 
 def test_missing_manifest_names_the_command(tmp_path: Path) -> None:
@@ -438,7 +467,6 @@ def test_bad_split_and_missing_shard(tmp_path: Path, digits: Digits) -> None:
     (tmp_path / "digits-train-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match=r"digits-train-000001\.tar"):
         build_eval_batches(cfg, split="train", batch_size=4)
-    assert issubclass(DataExhausted, RuntimeError)
 
 
 # ---------------------------------------------------------------- transforms

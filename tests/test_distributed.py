@@ -51,3 +51,20 @@ def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path,
     for key, value in decoder.state_dict().items():
         assert torch.equal(value, live[f"decoder.{key}"].float()), key
     assert run_sampling(SampleArgs(run_dir, "limiting", 3, 4, tmp_path / "g.png", 0)).is_file()
+
+
+def test_two_ranks_resume_bitwise(tmp_path: Path, mnist_shards: Path) -> None:
+    """2 ranks x 1 data worker: stopped at step 3 and resumed, the run ends with the uninterrupted run's weights."""
+    extra = ("data.num_workers=1", "checkpoint.every=3", "monitor.image_every=100")
+    torchrun(2, tiny_overrides(tmp_path / "full", mnist_shards, *extra, "train.steps=6"))
+    torchrun(2, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=3"))
+    torchrun(2, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=6", "resume=true"))
+    for rank in range(2):
+        full, resumed = (torch.load(tmp_path / d / f"params_rank{rank}.pt") for d in ("full", "cut"))
+        for name in ("encoder", "decoder"):
+            for key, value in full[name].items():
+                assert torch.equal(value, resumed[name][key]), f"rank {rank}: {name}.{key} differs after resume"
+    for rank in range(2):
+        full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / f"rank_{rank:05d}.pt",
+                                    weights_only=False)["stream"] for d in ("full", "cut"))
+        assert full == resumed and (full["batches"], full["world_size"], full["num_workers"]) == (6, 2, 1)

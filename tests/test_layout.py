@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "symeq_dist"
 ONLY_IMPORTERS = {
     "deepspeed": {"engines.py", "checkpoint.py"},
-    "webdataset": {"data/shards.py", "data/webdataset.py"},
+    "webdataset": {"data/shards.py", "data/convert.py"},
     "tensorboard": {"monitor.py"},
 }
 

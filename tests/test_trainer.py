@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from symeq_dist import checkpoint
 from symeq_dist.cli import SampleArgs, main, run_sampling, run_training
 from symeq_dist.config import ConfigError, load_config
+from symeq_dist.data import DataError
 from symeq_dist.trainer import NonFiniteLoss
 from tests.conftest import ROOT, tiny_overrides
 
@@ -162,3 +164,18 @@ def test_killed_run_resumes_exactly(tmp_path: Path, mnist_shards: Path) -> None:
         full, resumed = _scalars(tmp_path / "full", tag), _scalars(tmp_path / "killed", tag)
         steps = range(resumed_from + 1, 41)
         assert [resumed[s] for s in steps] == [full[s] for s in steps], tag
+
+
+def test_bad_samples_skip_is_counted_in_tensorboard_and_fail_names_the_shard(tmp_path: Path,
+                                                                              mnist_shards: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(mnist_shards, shards)
+    for path in sorted(shards.glob("mnist-train-*.tar"))[::2]:  # half the train shards lose their block
+        path.write_bytes(path.read_bytes()[:1000])
+    _train(tmp_path, shards, "skip", "data.bad_samples=skip")
+    skipped = _scalars(tmp_path / "skip", "data/skipped")
+    values = [skipped[step] for step in sorted(skipped)]
+    assert sorted(skipped) == [1, 2, 3, 4, 5, 6] and values == sorted(values) and 0 < values[-1] < 96
+    assert values[-1] == int(values[-1])
+    with pytest.raises(DataError, match=r"mnist-train-0000\d\d\.tar, sample #\d+: not in the tar: .*truncated"):
+        _train(tmp_path, shards, "fail", "data.bad_samples=fail")

@@ -1,12 +1,12 @@
 """The data layer: shard manifests, the train and eval streams, and the uint8 -> float transforms.
 
-Shards are written by `shards.py` and read by `webdataset.py`; the trainer uses only the names here.
+Shards are written by `shards.py` (MNIST-sized, packed) and `convert.py` (per-sample converters), indexed
+and read by `tario.py`, ordered by `stream.py`, checked by `verify.py`; the trainer uses only the names here.
 Must not import models or engines.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from symeq_dist.config import DataConfig
+from symeq_dist.data.samples import BadSample, Sample, Schema
 from symeq_dist.data.shards import (
     MANIFEST_NAME,
     read_idx,
@@ -24,27 +25,16 @@ from symeq_dist.data.shards import (
     write_mnist_shards,
     write_shards,
 )
-from symeq_dist.data.webdataset import (
-    Batch,
-    TrainStream,
-    count_samples,
-    is_packed,
-    iter_eval_batches,
-    open_train_stream,
-    slot_shards,
-)
+from symeq_dist.data.stream import Batch, DataError, TrainStream, iter_eval_batches, open_train_stream
+from symeq_dist.data.verify import VerifyReport, verify_shards
 
 __all__ = [
-    "Batch", "DataExhausted", "TrainStream", "add_noise", "build_eval_batches", "build_train_stream",
-    "load_manifest", "read_idx", "read_mnist_5k", "slot_shards", "to_float", "verify_shards",
-    "write_fashion_mnist_shards", "write_idx_shards", "write_mnist_shards", "write_shards",
+    "BadSample", "Batch", "DataError", "Sample", "Schema", "TrainStream", "VerifyReport", "add_noise",
+    "build_eval_batches", "build_train_stream", "load_manifest", "read_idx", "read_mnist_5k", "to_float",
+    "verify_shards", "write_fashion_mnist_shards", "write_idx_shards", "write_mnist_shards", "write_shards",
 ]
 
-_MANIFEST_KEYS = ("dataset", "image_shape", "num_classes", "splits")
-
-
-class DataExhausted(RuntimeError):
-    """A stream ran dry. Train streams are infinite, so this means broken shards, never an epoch end."""
+_MANIFEST_KEYS = ("dataset", "image_shape", "splits")
 
 
 def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
@@ -69,47 +59,13 @@ def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_shards(shards_dir: str | Path) -> int:
-    """Check every shard of the manifest against its sha256, then decode it and count its samples.
-
-    Reads every byte (streams never do this); packed and per-sample shards alike.
-
-    Returns:
-        The number of shards checked.
-
-    Raises:
-        FileNotFoundError: no manifest, or a listed shard is missing.
-        ValueError: some shards do not match their checksums or sample counts (the message names them),
-            or a shard with a matching checksum does not fit the manifest's format or image shape.
-    """
-    shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
-    packed, image_shape = is_packed(manifest), tuple(manifest["image_shape"])
-    entries = [s for split in manifest["splits"].values() for s in split["shards"]]
-    bad = []
-    for entry in entries:
-        path = shards_dir / entry["name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing; rewrite the shards")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-            bad.append(f"{entry['name']} (sha256)")
-            continue
-        count = count_samples(str(path), packed=packed, image_shape=image_shape)
-        if count != entry["num_samples"]:
-            bad.append(f"{entry['name']} ({count} samples, the manifest says {entry['num_samples']})")
-    if bad:
-        raise ValueError(f"{len(bad)} shards in {shards_dir} do not match the manifest "
-                         f"({', '.join(bad[:5])}); rewrite them with `symeq shards ...`")
-    return len(entries)
-
-
 def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int,
                        batch_size: int) -> TrainStream:
     """This rank's infinite, exactly resumable stream of `batch_size` (micro-batch) samples of `cfg.split`.
 
     Raises:
         FileNotFoundError: no manifest or a missing shard.
-        ValueError: unknown/empty split, or fewer shards than world_size x max(1, cfg.num_workers).
+        ValueError: unknown/empty split, or fewer samples than one step (world_size x batch_size).
     """
     shards_dir = Path(cfg.shards)
     return open_train_stream(shards_dir, load_manifest(shards_dir), cfg, seed=seed, rank=rank,
@@ -117,9 +73,13 @@ def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int
 
 
 def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int) -> Iterator[Batch]:
-    """Every sample of `split` exactly once, in shard order, in-process; the last batch may be short."""
+    """Every sample of `split` exactly once, in shard order, in-process; the last batch may be short.
+
+    Bad samples follow `cfg.bad_samples` (fail: DataError naming shard and key; skip: left out, logged).
+    """
     shards_dir = Path(cfg.shards)
-    return iter_eval_batches(shards_dir, load_manifest(shards_dir), split=split, batch_size=batch_size)
+    return iter_eval_batches(shards_dir, load_manifest(shards_dir), split=split, batch_size=batch_size,
+                             skip_bad=cfg.bad_samples == "skip")
 
 
 def to_float(image: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""The `folder` and `digits-seg` converters: real tar shards written by `convert`, read back with tarfile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from symeq_dist.data import digits_seg, folder
+from symeq_dist.data.convert import ConversionError
+from symeq_dist.data.digits_seg import write_digits_seg_shards
+from symeq_dist.data.folder import write_folder_shards
+from symeq_dist.data.samples import Schema, decode
+from symeq_dist.data.shards import FASHION_MNIST_DIR, read_idx, read_mnist_5k, stratified_split
+
+# class folder -> [(relative name, (width, height))]; sizes differ, so crops differ per image
+TREE = {"birds": [("b1.png", (40, 30)), ("nested/b2.jpg", (33, 47))],
+        "cats": [("c1.JPG", (50, 50)), ("c2.png", (21, 64)), ("c3.webp", (36, 24))],
+        "dogs": [("d1.jpeg", (64, 40)), ("d2.bmp", (30, 30)), ("d3.PNG", (45, 28))]}
+NUM_IMAGES = sum(len(v) for v in TREE.values())
+
+
+# ---------------------------------------------------------------- helpers
+
+def read_shards(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, bytes]]]]:
+    """manifest, and split -> key -> member suffix -> bytes, read with tarfile."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    splits: dict[str, dict[str, dict[str, bytes]]] = {}
+    for split, entry in manifest["splits"].items():
+        groups = splits.setdefault(split, {})
+        for shard in entry["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                for member in tar.getmembers():
+                    key, suffix = os.path.basename(member.name).split(".", 1)
+                    groups.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+        assert len(groups) == entry["num_samples"]
+    return manifest, splits
+
+
+def decoded(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]]:
+    """manifest, and split -> key -> decoded sample (image, label, mask) plus its `json` meta."""
+    manifest, splits = read_shards(out)
+    schema = Schema.from_manifest(manifest)
+    samples = {split: {key: {**decode(members, schema, f"{split}/{key}"),
+                             "meta": json.loads(members["json"]) if "json" in members else None}
+                       for key, members in groups.items()} for split, groups in splits.items()}
+    return manifest, samples
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 class folders of PNG / JPEG / WebP / BMP images of different sizes, plus hidden and non-image files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for cls, files in TREE.items():
+        for name, (width, height) in files:
+            path = root / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    Image.new("RGB", (8, 8)).save(root / ".hidden.png")  # hidden: ignored, even in the root with labels
+    Image.new("RGB", (8, 8)).save(root / "cats" / ".thumb.png")
+    (root / "dogs" / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "dogs" / ".cache" / "x.png")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    return root
+
+
+def expected_image(path: Path, *, size: int, crop: str, mode: str) -> np.ndarray:
+    """Independent preprocessing: numpy centre crop of the shorter side, PIL bicubic resize; (C, H, W)."""
+    array = np.asarray(Image.open(path).convert(mode))
+    if crop == "center":
+        height, width = array.shape[:2]
+        side = min(width, height)
+        top, left = (height - side) // 2, (width - side) // 2
+        array = array[top:top + side, left:left + side]
+    out = np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BICUBIC))
+    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------- folder
+
+def test_folder_labels_split_and_centre_crop(image_tree: Path, tmp_path: Path) -> None:
+    manifest, samples = decoded_folder(image_tree, tmp_path / "out", labels=True, valid_fraction=0.25)
+    assert manifest["class_names"] == ["birds", "cats", "dogs"]
+    assert manifest["label"] == {"kind": "class", "num_classes": 3}
+    assert manifest["image_shape"] == [3, 16, 16] and manifest["source"]["num_files"] == NUM_IMAGES
+    assert manifest["preprocess"] == {"crop": "center", "size": 16, "resample": "bicubic", "mode": "RGB",
+                                      "exif_transpose": True}
+    # one valid image per class (round(0.25 * n) clamped to 1..n-1), the rest train
+    assert {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": NUM_IMAGES - 3, "valid": 3}
+    files = {}
+    for split, groups in samples.items():
+        for sample in groups.values():
+            rel = sample["meta"]["file"]
+            files[rel] = split
+            assert sample["label"] == manifest["class_names"].index(rel.split("/")[0])
+    assert sorted(files) == sorted(f"{cls}/{name}" for cls, items in TREE.items() for name, _ in items)
+    assert sorted(manifest["class_names"].index(f.split("/")[0]) for f, s in files.items() if s == "valid") == [0, 1, 2]
+    png = next(s for s in samples["train"].values() if s["meta"]["file"].endswith("c2.png"))
+    assert png["meta"]["source_size"] == [21, 64]
+    np.testing.assert_array_equal(png["image"], expected_image(image_tree / "cats/c2.png", size=16, crop="center",
+                                                               mode="RGB"))
+
+
+def test_folder_grey_without_crop(image_tree: Path, tmp_path: Path) -> None:
+    manifest, samples = decoded_folder(image_tree, tmp_path / "out", grey=True, crop="none")
+    assert manifest["image_shape"] == [1, 16, 16] and manifest["label"] is None
+    assert manifest["class_names"] is None and list(samples) == ["train"]
+    assert len(samples["train"]) == NUM_IMAGES
+    for sample in samples["train"].values():
+        assert "label" not in sample
+        source = image_tree / sample["meta"]["file"]
+        if source.suffix.lower() in (".png", ".bmp"):  # lossless sources: exact
+            np.testing.assert_array_equal(sample["image"], expected_image(source, size=16, crop="none", mode="L"))
+
+
+def decoded_folder(root: Path, out: Path, **options: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    write_folder_shards(root, out, size=16, image_format="png", samples_per_shard=3, **options)
+    return decoded(out)
+
+
+def test_folder_errors_name_the_file_and_the_fix(image_tree: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(empty / "sub" / ".only-hidden.png")
+    with pytest.raises(FileNotFoundError, match=f"no images .* under {empty}"):
+        write_folder_shards(empty, tmp_path / "o1", size=8)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        write_folder_shards(tmp_path / "missing", tmp_path / "o1", size=8)
+    with pytest.raises(ValueError, match="crop 'middle' is unknown"):
+        write_folder_shards(image_tree, tmp_path / "o1", size=8, crop="middle")
+
+    loose = tmp_path / "loose"
+    (loose / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(loose / "a" / "x.png")
+    Image.new("RGB", (8, 8)).save(loose / "stray.png")
+    with pytest.raises(ValueError, match=r"directly in it: stray\.png; move them"):
+        write_folder_shards(loose, tmp_path / "o2", size=8, labels=True)
+
+    (loose / "a" / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(ConversionError, match=r"folder-train-000000\.tar, key 00000\d: .*a/broken\.png is not a "
+                                              r"readable image"):
+        write_folder_shards(loose, tmp_path / "o3", size=8)
+
+
+def test_folder_bytes_do_not_depend_on_workers(image_tree: Path, tmp_path: Path) -> None:
+    kwargs = {"size": 12, "labels": True, "valid_fraction": 0.3, "samples_per_shard": 2, "seed": 3}
+    one = write_folder_shards(image_tree, tmp_path / "w1", workers=1, **kwargs)
+    two = write_folder_shards(image_tree, tmp_path / "w2", workers=2, **kwargs)
+    assert len(tar_bytes(tmp_path / "w1")) >= 4
+    assert tar_bytes(tmp_path / "w1") == tar_bytes(tmp_path / "w2")
+    assert one["splits"] == two["splits"] and one["source"] == two["source"]
+
+
+# ---------------------------------------------------------------- digits-seg
+
+SEG = {"num_train": 60, "num_valid": 20}
+
+
+@pytest.fixture(scope="module")
+def seg_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("seg") / "w1"
+    write_digits_seg_shards(out, samples_per_shard=16, workers=1, **SEG)
+    return out
+
+
+def recompute(meta: dict[str, Any], glyphs: np.ndarray, labels: np.ndarray, *, canvas: int,
+              threshold: int) -> tuple[np.ndarray, np.ndarray, set[int], int]:
+    """Image, mask, the classes left visible and the number of overwritten pixels, rebuilt from a sample's json
+    layout and the source glyphs, pixel by pixel."""
+    assert meta["classes"] == [int(labels[i]) for i in meta["glyphs"]]
+    image = np.zeros((canvas, canvas), dtype=np.uint8)
+    mask = np.zeros((canvas, canvas), dtype=np.uint8)
+    owner = np.full((canvas, canvas), -1)
+    overwritten = 0
+    for number, (index, cls, (x, y, w, h)) in enumerate(zip(meta["glyphs"], meta["classes"], meta["boxes"],
+                                                           strict=True)):
+        assert (w, h) == (28, 28) and 0 <= x <= canvas - 28 and 0 <= y <= canvas - 28
+        for dy in range(h):
+            for dx in range(w):
+                value = glyphs[index][dy, dx]
+                if value >= threshold:
+                    overwritten += int(owner[y + dy, x + dx] >= 0)
+                    image[y + dy, x + dx], mask[y + dy, x + dx], owner[y + dy, x + dx] = value, cls + 1, number
+    visible = {meta["classes"][n] for n in np.unique(owner[owner >= 0])}
+    return image, mask, visible, overwritten
+
+
+def check_seg_samples(samples: dict[str, dict[str, dict[str, Any]]], manifest: dict[str, Any],
+                      glyphs: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    canvas, threshold = manifest["canvas"], manifest["threshold"]
+    overwritten = 0
+    for split, groups in samples.items():
+        images, labels = glyphs[split]
+        for sample in groups.values():
+            meta = sample["meta"]
+            assert sample["image"].shape == (1, canvas, canvas) and sample["mask"].shape == (canvas, canvas)
+            assert 1 <= len(meta["glyphs"]) <= manifest["max_glyphs"] and "label" not in sample
+            image, mask, visible, count = recompute(meta, images, labels, canvas=canvas, threshold=threshold)
+            overwritten += count
+            np.testing.assert_array_equal(sample["image"][0], image)
+            np.testing.assert_array_equal(sample["mask"], mask)
+            assert sample["mask"].max() <= 10
+            assert ((sample["mask"] > 0) == (sample["image"][0] >= threshold)).all()
+            assert (sample["image"][0][sample["mask"] == 0] == 0).all()
+            assert {int(v) - 1 for v in np.unique(sample["mask"]) if v} == visible <= set(meta["classes"])
+    assert overwritten > 0  # the overwrite rule was exercised
+
+
+def test_digits_seg_matches_an_independent_recomputation(seg_shards: Path) -> None:
+    manifest, samples = decoded(seg_shards)
+    assert manifest["dataset"] == "digits-seg" and manifest["threshold"] == 112 and manifest["canvas"] == 64
+    assert manifest["mask"]["names"] == ["background", *map(str, range(10))] and manifest["label"] is None
+    assert manifest["source"]["sha256"] and "overwrite" in manifest["overwrite_rule"]
+    assert {s: len(g) for s, g in samples.items()} == {"train": 60, "valid": 20}
+    images, labels = read_mnist_5k()
+    check_seg_samples(samples, manifest, {"train": (images, labels), "valid": (images, labels)})
+    train, valid = stratified_split(labels, seed=0, num_valid_per_class=50)
+    used = {split: {i for s in groups.values() for i in s["meta"]["glyphs"]} for split, groups in samples.items()}
+    assert used["train"] <= set(train.tolist()) and used["valid"] <= set(valid.tolist())
+    assert any(len(s["meta"]["glyphs"]) == 3 for s in samples["train"].values())
+
+
+def test_digits_seg_bytes_do_not_depend_on_workers_or_shard_size(seg_shards: Path, tmp_path: Path) -> None:
+    write_digits_seg_shards(tmp_path / "w2", samples_per_shard=16, workers=2, **SEG)
+    assert tar_bytes(seg_shards) == tar_bytes(tmp_path / "w2")
+    write_digits_seg_shards(tmp_path / "s7", samples_per_shard=7, workers=1, **SEG)
+    assert len(tar_bytes(tmp_path / "s7")) == 9 + 3
+    assert read_shards(seg_shards)[1] == read_shards(tmp_path / "s7")[1]  # every member of every key
+
+
+def test_digits_seg_fashion_mnist(tmp_path: Path) -> None:
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"{FASHION_MNIST_DIR} is missing: `apt-get install dataset-fashion-mnist` to run this test")
+    manifest = write_digits_seg_shards(tmp_path / "out", source="fashion-mnist", num_train=12, num_valid=6,
+                                       samples_per_shard=8, canvas=40, max_glyphs=2)
+    assert manifest["threshold"] == 50 and manifest["mask"]["names"][:3] == ["background", "T-shirt/top", "Trouser"]
+    assert sorted(manifest["source"]["sha256_decompressed"]) == sorted(
+        f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+    glyphs = {split: (read_idx(FASHION_MNIST_DIR / f"{stem}-images-idx3-ubyte.gz"),
+                      read_idx(FASHION_MNIST_DIR / f"{stem}-labels-idx1-ubyte.gz"))
+              for split, stem in (("train", "train"), ("valid", "t10k"))}
+    manifest, samples = decoded(tmp_path / "out")
+    check_seg_samples(samples, manifest, glyphs)
+
+
+def test_digits_seg_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        write_digits_seg_shards(tmp_path / "o", source="fashion-mnist", idx_dir=tmp_path / "nowhere")
+    (tmp_path / "partial").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
+        write_digits_seg_shards(tmp_path / "o", source="fashion-mnist", idx_dir=tmp_path / "partial")
+    with pytest.raises(ValueError, match=r"canvas must be >= 28"):
+        write_digits_seg_shards(tmp_path / "o", canvas=20)
+    with pytest.raises(ValueError, match=r"threshold must be in 1\.\.255"):
+        write_digits_seg_shards(tmp_path / "o", threshold=0)
+
+
+# ---------------------------------------------------------------- command line
+
+def test_subparsers_run_the_writers(image_tree: Path, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="symeq shards")
+    kinds = parser.add_subparsers(dest="converter", required=True)
+    folder.add_parser(kinds)
+    digits_seg.add_parser(kinds)
+    args = parser.parse_args(["folder", str(image_tree), "--size", "8", "--labels", "--format", "png", "--grey",
+                              "--workers", "1", "--name", "pets", "--out", str(tmp_path / "pets")])
+    manifest = args.run(args)
+    assert manifest["dataset"] == "pets" and manifest["image_shape"] == [1, 8, 8] and args.out == tmp_path / "pets"
+    default = parser.parse_args(["folder", "x", "--size", "8"])
+    assert (default.crop, default.image_format, default.valid_fraction, default.out) == ("center", "jpg", 0.0, None)
+    args = parser.parse_args(["digits-seg", "--num-train", "4", "--num-valid", "2", "--canvas", "32",
+                              "--workers", "1", "--out", str(tmp_path / "seg")])
+    manifest = args.run(args)
+    assert manifest["splits"]["train"]["num_samples"] == 4 and manifest["image_shape"] == [1, 32, 32]
+    assert parser.parse_args(["digits-seg"]).out == Path("data_shards/digits_seg")
