@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	-@$(MAKE) -s fmnist
+	-@$(MAKE) -s slurm
 	touch $(STAMP)
 
 # Fashion-MNIST ships as a Debian package; best effort (tests that need it skip with the command to run).
@@ -24,6 +25,17 @@ fmnist:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 		|| echo "note: could not install dataset-fashion-mnist (needed only for configs/fmnist_ladder.yaml)"; fi
+
+# The local SLURM cluster of the `slurm` tests (slurm/cluster/, SLURM.md); `slurm` is also a folder, hence PHONY.
+.PHONY: slurm
+SLURM_PKGS := slurmctld slurmd slurm-client munge
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+		&& command -v sbatch >/dev/null && command -v munged >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "slurm: run as root: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SLURM_PKGS)"; \
+		exit 1; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SLURM_PKGS) >/dev/null
 
 demo: $(STAMP)
 	$(BIN)/symeq demo

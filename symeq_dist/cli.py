@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_con
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
 from symeq_dist.data.commands import add_shards_parser, run_shards
 from symeq_dist.engines import build_engines
+from symeq_dist.faults import EXIT_REQUEUE, Preempted
 from symeq_dist.models import build_players
 from symeq_dist.monitor import Monitor, make_grid, save_png, setup_logging
 from symeq_dist.prior import build_prior
@@ -33,7 +35,7 @@ from symeq_dist.trainer import Trainer, make_generators
 log = logging.getLogger("symeq")
 
 # Keys a resumed run may change; anything else must match the checkpoint (no silent change of a run).
-RESUMABLE_CHANGES = ("resume", "train.steps", "monitor.", "checkpoint.")
+RESUMABLE_CHANGES = ("resume", "train.steps", "monitor.", "checkpoint.", "fault.")
 
 
 # ---------------------------------------------------------------- train
@@ -44,7 +46,7 @@ def _check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
     if changed:
         diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(f"resume: the config differs from the checkpoint's ({diff}); only train.steps, "
-                          "monitor.* and checkpoint.* may change on resume. Use the run's config.yaml.")
+                          "monitor.*, checkpoint.* and fault.* may change on resume. Use the run's config.yaml.")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,13 +116,22 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
 
 def run_training(cfg: RunConfig, argv: list[str] | None = None) -> dict[str, float]:
     """Train (or resume) one run in this process; collective with the other ranks."""
-    info = dist.init()
+    info = dist.init(timeout_s=cfg.fault.collective_timeout_s)
     setup_logging(info.rank)
     trainer = build_trainer(cfg, info, argv)
     try:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def _collective_failure(err: BaseException) -> bool:
+    """A failed or timed-out collective (a peer died or hangs), as gloo and NCCL report it."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(m in text for m in ("gloo", "Gloo", "NCCL", "Connection closed",
+                                                                     "Connection reset", "timed out"))
 
 
 # ---------------------------------------------------------------- sample
@@ -255,6 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as err:  # bad input: message names the fix
         print(f"symeq: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"symeq: {err}", file=sys.stderr)
+        return EXIT_REQUEUE
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if not _collective_failure(err):
+            raise
+        rank = os.environ.get("RANK", "?")
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"symeq: error: rank {rank}: a collective operation failed ({first}). Another rank died or hangs "
+              f"(fault.collective_timeout_s bounds the wait); see that rank's log. The run stops; resume from "
+              f"the last checkpoint with resume=true.", file=sys.stderr)
+        return 1
     return 0
 
 

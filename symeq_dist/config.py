@@ -106,9 +106,16 @@ class GameConfig:
     """On a non-finite loss on any rank: skip both players' updates (counted), or stop with an error."""
     max_consecutive_skips: int = 10
     """With nonfinite=skip: stop with an error after this many skipped steps in a row."""
+    grad_spike: float = 0.0
+    """Also skip (like a non-finite loss) an update whose gradient norm on any rank exceeds grad_spike x the
+    running mean of that player's accepted norms on that rank; 0 = off. Needs ZeRO stage <= 2."""
+    grad_spike_warmup: int = 20
+    """Accepted steps before the spike check starts (the running mean needs a history)."""
 
     def __post_init__(self) -> None:
         _check(self.max_consecutive_skips >= 1, "game.max_consecutive_skips", "must be >= 1")
+        _check(self.grad_spike == 0 or self.grad_spike > 1, "game.grad_spike", "must be 0 (off) or > 1")
+        _check(self.grad_spike_warmup >= 1, "game.grad_spike_warmup", "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +196,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer than this (a rank died or hangs) fails the run with an error."""
+    preempt_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
+    """On these signals every rank finishes its step, a checkpoint is written and the run exits with 75
+    (EX_TEMPFAIL), which the sbatch scripts turn into a requeue. Empty: default signal behaviour."""
+
+    def __post_init__(self) -> None:
+        _check(self.collective_timeout_s > 0, "fault.collective_timeout_s", "must be > 0")
+        known = {"SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGCONT", "SIGXCPU"}
+        bad = [s for s in self.preempt_signals if s not in known]
+        _check(not bad, "fault.preempt_signals", f"unknown {bad}; choose from {sorted(known)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
     num_chains: int = 16
     """Persistent monitoring chains (global; the reference code uses 10), one step per training iteration."""
@@ -218,6 +240,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         if self.model.kind != "mlp":
@@ -264,6 +287,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:  # tuple[X, ...]: any length
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         _check(isinstance(value, (list, tuple)) and len(value) == len(args), key,

@@ -152,3 +152,25 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def discard_gradients(engine: Any) -> None:
+    """Throw away the gradients of a backward whose step is skipped, as DeepSpeed's own overflow path does.
+
+    ZeRO stages 0-2 (ZeRO-3 keeps its gradient partitions elsewhere; `game.grad_spike` refuses it).
+    """
+    stage, optimizer = zero_stage(engine), engine.optimizer
+    engine.module.zero_grad(set_to_none=True)
+    if stage == 0:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    if stage > 2:
+        raise NotImplementedError("discarding gradients at ZeRO-3 is not supported")
+    optimizer.zero_grad(set_to_none=True)
+    release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+    if release is not None:
+        release()
+    for key in list(getattr(optimizer, "averaged_gradients", {})):
+        optimizer.averaged_gradients[key] = None
+        optimizer.all_grad_tensors[key] = None
+    optimizer.micro_step_id = -1  # INITIAL_MICRO_STEP_ID: the next backward starts a fresh accumulation

@@ -3,10 +3,14 @@
 game.kind = symmetric, game.schedule = alternating (reference order, METHOD.md §4.1), per micro-batch:
   1. x0 <- next data batch (uint8, this rank's micro batch); x <- binarise/scale(x0) + noise   [data RNG]
   2. no_grad: z ~ q_phi(z | x), ancestral through the encoder                                 [wake RNG]
-  3. decoder engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; step
+  3. decoder engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; [with
+     game.grad_spike: ranks agree no local gradient norm is non-finite or spiking]; step
   4. no_grad: z'_0 ~ pi, (z', x') ~ p_theta with the UPDATED theta                            [dream RNG]
-  5. encoder engine: loss = -log q_phi(z' | x'); ranks agree it is finite; backward; step
-schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5.
+  5. encoder engine: the same checks for -log q_phi(z' | x'); backward; step
+  A failed check in 3 skips both players on every rank; in 5 (the decoder has already stepped) it skips
+  the encoder on every rank. Skips are counted (sys/skipped_steps) and capped (game.max_consecutive_skips).
+schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5 with both backwards
+  before either step, so any failed check skips both players.
 game.kind = elbo: one joint engine; loss = -ELBO(x) (reparametrised / ZGR); backward; step; a no_grad
 dream feeds the decoder's MI monitor only.
 Then, once per iteration on every rank (ZeRO-3 forwards are collective):
@@ -14,6 +18,8 @@ Then, once per iteration on every rank (ZeRO-3 forwards are collective):
   7. the persistent limiting chain advances one step                                          [chain RNG]
   8. every monitor.log_every: one stacked all-reduce of the interval means -> TensorBoard (rank 0);
      every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
+  9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
+     raise Preempted (the CLI exits 75, the sbatch script requeues).
 Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary.
 """
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +40,8 @@ from symeq_dist import checkpoint, game, sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import add_noise, to_float
 from symeq_dist.dist import DistInfo, all_reduce
-from symeq_dist.engines import Engines
+from symeq_dist.engines import Engines, discard_gradients, zero_stage
+from symeq_dist.faults import FaultPlan, GradGuard, Preempted, PreemptWatcher, agree_any, mark_preempted
 from symeq_dist.metrics import MIMonitor, reduce_stats
 from symeq_dist.monitor import Monitor
 from symeq_dist.prior import Prior
@@ -53,14 +60,19 @@ class TrainState:
     samples_seen: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
+    grad_norms: dict[str, list[float]] = field(default_factory=dict)  # GradGuard: player -> [count, mean]
 
 
-def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
-    """One generator per (seed, rank, purpose): ranks draw different samples, a resume reproduces them."""
+def make_generators(seed: int, rank: int, device: torch.device, step: int | None = None) -> dict[str, torch.Generator]:
+    """One generator per (seed, rank, purpose): ranks draw different samples, a resume reproduces them.
+
+    `step` is given after a resume on another number of ranks: fresh streams for (seed, rank, step).
+    """
     gens = {}
     for i, purpose in enumerate(PURPOSES):
         gen = torch.Generator(device=device)
-        gen.manual_seed(int(np.random.SeedSequence([seed, rank, i]).generate_state(1)[0]))
+        entropy = [seed, rank, i] if step is None else [seed, rank, i, step]
+        gen.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         gens[purpose] = gen
     return gens
 
@@ -78,6 +90,19 @@ class Trainer:
         self.chain = self._init_chain()
         self._sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=info.device))
         self._count, self._tick = 0, time.perf_counter()
+        self.faults = FaultPlan.from_env()
+        self.guard = self._grad_guard()
+
+    def _grad_guard(self) -> GradGuard | None:
+        game_cfg = self.cfg.game
+        if not game_cfg.grad_spike:
+            return None
+        stages = {name: zero_stage(engine) for name, engine in self.engines.items()}
+        if max(stages.values()) > 2:
+            raise ValueError(f"game.grad_spike needs ZeRO stage <= 2 (engines: {stages}); set game.grad_spike=0 "
+                             "or lower engines.*.zero_stage")
+        return GradGuard({name: engine.module for name, engine in self.engines.items()},
+                         factor=game_cfg.grad_spike, warmup=game_cfg.grad_spike_warmup, state=self.state.grad_norms)
 
     # ------------------------------------------------------------------ state
     def _init_chain(self) -> Tensor:
@@ -94,12 +119,18 @@ class Trainer:
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         self.state = TrainState(**state["train"])
+        if self.guard is not None:
+            self.guard.state = self.state.grad_norms
         self.stream.load_state_dict(state["stream"])
         self.chain = state["chain"].to(self.info.device)
         self.mi.load_state_dict(state["mi"], self.info.device)
-        for key, gen in self.gens.items():
-            gen.set_state(state["gens"][key])
-        torch.set_rng_state(state["torch_rng"])
+        if state["gens"] is None:  # resumed on another number of ranks: fresh per-rank streams (docs/resume.md)
+            self.gens = make_generators(self.cfg.seed, self.info.rank, self.info.device, step=self.state.step)
+        else:
+            for key, gen in self.gens.items():
+                gen.set_state(state["gens"][key])
+        if state["torch_rng"] is not None:
+            torch.set_rng_state(state["torch_rng"])
 
     # ------------------------------------------------------------------ one iteration
     def _float(self, images: Tensor) -> Tensor:
@@ -116,31 +147,50 @@ class Trainer:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         return all_reduce(bad, self.info, op="max").item() == 0
 
-    def _apply(self, name: str, terms: game.Terms) -> None:
-        engine = self.engines[name]
-        engine.backward(terms.loss)
-        engine.step()
-        self._accumulate(f"train/{name}", terms.stats)
+    def _step_all(self, updates: dict[str, game.Terms]) -> bool:
+        """After the backward of every engine in `updates`: step them all, or, if the gradient guard finds a
+        non-finite or spiking norm on any rank, discard all their gradients on every rank."""
+        norms = {name: self.guard.take(name) for name in updates} if self.guard else {}
+        if self.guard and agree_any(any(self.guard.is_bad(n, v) for n, v in norms.items()), self.info):
+            for name in updates:
+                discard_gradients(self.engines[name])
+            log.warning("step %d: gradient norm spike or non-finite gradient on some rank (this rank: %s)",
+                        self.state.step + 1, {n: f"{v:.3g}" for n, v in norms.items()})
+            return False
+        for name, terms in updates.items():
+            self.engines[name].step()
+            self._accumulate(f"train/{name}", terms.stats)
+            if self.guard:
+                self.guard.accept(name, norms[name])
+                self._sums[f"sys/grad_norm/{name}"] += norms[name]
+        return True
 
     def _update(self, name: str, terms: game.Terms) -> bool:
         """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
-        ok = self._agree_finite(terms.loss)
-        if ok:
-            self._apply(name, terms)
-        return ok
+        if not self._agree_finite(terms.loss):
+            return False
+        self.engines[name].backward(terms.loss)
+        return self._step_all({name: terms})
+
+    def _decoder_loss(self, wake: Any) -> game.Terms:
+        terms = game.decoder_loss(self.engines.decoder, wake)
+        if self.faults.faults:
+            terms = replace(terms, loss=self.faults.decoder_loss(terms.loss, self.state.step + 1, self.info.rank))
+        return terms
 
     def _symmetric_micro(self) -> bool:
         enc, dec, g = self.engines.encoder, self.engines.decoder, self.gens
         wake = game.complete_data(enc, dec, self._next_x(), g["wake"])
         if self.cfg.game.schedule == "simultaneous":
             dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
-            dec_terms, enc_terms = game.decoder_loss(dec, wake), game.encoder_loss(enc, dec, dreams)
+            dec_terms, enc_terms = self._decoder_loss(wake), game.encoder_loss(enc, dec, dreams)
             ok = self._agree_finite(dec_terms.loss + enc_terms.loss)
-            if ok:
-                self._apply("decoder", dec_terms)
-                self._apply("encoder", enc_terms)
+            if ok:  # both backward first, so a bad gradient of either skips both
+                self.engines["decoder"].backward(dec_terms.loss)
+                self.engines["encoder"].backward(enc_terms.loss)
+                ok = self._step_all({"decoder": dec_terms, "encoder": enc_terms})
         else:
-            ok = self._update("decoder", game.decoder_loss(dec, wake))
+            ok = self._update("decoder", self._decoder_loss(wake))
             if ok:  # the encoder learns from samples of the updated decoder
                 dreams = game.dream(dec, self.prior, self.micro, g["dream"], self.info.device)
                 ok = self._update("encoder", game.encoder_loss(enc, dec, dreams))
@@ -185,9 +235,11 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss at step {self.state.step} (game.nonfinite={game_cfg.nonfinite}"
                                 f", accumulation {self.cfg.train.grad_accumulation}); lower the learning rates")
         if self.state.consecutive_skips > game_cfg.max_consecutive_skips:
-            raise NonFiniteLoss(f"{self.state.consecutive_skips} consecutive non-finite steps at step "
-                                f"{self.state.step} (cap game.max_consecutive_skips); lower the learning rates")
-        log.warning("step %d: non-finite loss on some rank; both players skip this update", self.state.step)
+            raise NonFiniteLoss(f"{self.state.consecutive_skips} consecutive skipped steps (non-finite loss or "
+                                f"gradient spike) at step {self.state.step} (cap game.max_consecutive_skips); "
+                                "lower the learning rates")
+        log.warning("step %d: non-finite loss or gradient spike on some rank; the update is skipped on every rank",
+                    self.state.step + 1)
 
     # ------------------------------------------------------------------ monitoring
     def _accumulate(self, prefix: str, stats: dict[str, Tensor]) -> None:
@@ -238,18 +290,29 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
                    disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
         self._tick = time.perf_counter()
-        while self.state.step < until:
-            self._iteration()
-            step, done = self.state.step, self.state.step == cfg.train.steps
-            bar.update(1)
-            if step % cfg.monitor.log_every == 0 or done:
-                last = self._log_scalars()
-                bar.set_postfix(dec=f"{last.get('train/decoder/loss', float('nan')):.2f}",
-                                enc=f"{last.get('train/encoder/loss', float('nan')):.2f}")
-            if step % cfg.monitor.image_every == 0 or done:
-                self.log_images()
-            if step % cfg.checkpoint.every == 0 or done:
-                self.save_checkpoint()
+        with PreemptWatcher(cfg.fault.preempt_signals) as watcher:
+            while self.state.step < until:
+                self.faults.before_step(self.state.step + 1, self.info.rank)
+                self._iteration()
+                step, done = self.state.step, self.state.step == cfg.train.steps
+                bar.update(1)
+                if step % cfg.monitor.log_every == 0 or done:
+                    last = self._log_scalars()
+                    bar.set_postfix(dec=f"{last.get('train/decoder/loss', float('nan')):.2f}",
+                                    enc=f"{last.get('train/encoder/loss', float('nan')):.2f}")
+                if step % cfg.monitor.image_every == 0 or done:
+                    self.log_images()
+                saved = step % cfg.checkpoint.every == 0 or done
+                if saved:
+                    self.save_checkpoint()
+                if agree_any(watcher.signalled is not None, self.info):  # every rank stops after this step
+                    if not saved:
+                        self.save_checkpoint()
+                    if self.info.is_main:  # for the sbatch script, in case srun reports another task's code
+                        mark_preempted(cfg.run_dir, step)
+                    bar.close()
+                    self.monitor.flush()
+                    raise Preempted(step, watcher.signalled or "a preemption signal on another rank")
         bar.close()
         self.monitor.flush()
         return last

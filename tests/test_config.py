@@ -72,3 +72,16 @@ def test_config_is_frozen() -> None:
     cfg = load_config(None)
     with pytest.raises(AttributeError):
         cfg.train.steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["ds_config_gpu_multinode.json", "ds_config_gpu_offload.json"])
+def test_shipped_gpu_ds_configs_pass_our_checks(name: str) -> None:
+    """The worked GPU configs (docs) hold no run numbers and are valid engine configs."""
+    from symeq_dist.config import EngineConfig
+    from symeq_dist.engines import engine_config, load_ds_config
+
+    base = load_ds_config(ROOT / "configs" / name)
+    assert base["bf16"]["enabled"] and base["gradient_clipping"] == 0.0
+    cfg = engine_config(base, EngineConfig(lr=2e-4, zero_stage=1), micro_batch=16, grad_accumulation=2,
+                        world_size=16)
+    assert cfg["train_batch_size"] == 512 and cfg["zero_optimization"]["stage"] == 1

@@ -1,0 +1,124 @@
+"""Resuming on another number of ranks (2 -> 1 -> 2): real torchrun processes, gloo, both DeepSpeed engines.
+
+After every load the consolidated fp32 weights, the Adam moments of every parameter and the step counters
+equal what was saved, bitwise; the chains are redistributed in the documented order (docs/resume.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from symeq_dist import checkpoint
+from symeq_dist.cli import run_training
+from symeq_dist.config import load_config
+from tests.conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.dist
+
+
+def torchrun(nproc: int, phase: str, overrides: list[str]) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "reshard_worker.py"), phase, *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _dump(run_dir: Path, name: str) -> dict[str, Any]:
+    return torch.load(run_dir / f"{name}.pt", weights_only=False)
+
+
+def assert_same_engines(saved: dict[str, Any], loaded: dict[str, Any], what: str) -> None:
+    assert saved.keys() == loaded.keys()
+    for name, old in saved.items():
+        new = loaded[name]
+        assert old["steps"] and new["steps"] == old["steps"], f"{what}: {name} optimizer step {new['steps']}"
+        assert new["global_steps"] == old["global_steps"], f"{what}: {name} engine step"
+        assert new["groups"] == old["groups"], f"{what}: {name} param groups (lr, betas, eps, weight decay)"
+        assert new["params"].keys() == old["params"].keys()
+        for param, tensors in old["params"].items():
+            for key, value in tensors.items():
+                assert torch.equal(new["params"][param][key], value), f"{what}: {name}.{param} {key} differs"
+
+
+def _base(run_dir: Path, shards: Path, enc: int, dec: int, kind: str) -> list[str]:
+    return tiny_overrides(run_dir, shards, f"engines.encoder.zero_stage={enc}", f"engines.decoder.zero_stage={dec}",
+                          f"game.kind={kind}", "engines.encoder.lr=3e-4", "monitor.image_every=100",
+                          "checkpoint.every=100")
+
+
+@pytest.mark.parametrize("enc, dec, kind", [
+    pytest.param(0, 2, "symmetric", id="zero0+zero2"),
+    pytest.param(3, 3, "symmetric", id="zero3", marks=pytest.mark.slow),
+    pytest.param(1, 1, "symmetric", id="zero1", marks=pytest.mark.slow),
+    pytest.param(3, 3, "elbo", id="joint-zero3", marks=pytest.mark.slow),
+])
+def test_two_one_two_ranks_keep_weights_and_adam_state(tmp_path: Path, mnist_shards: Path, enc: int, dec: int,
+                                                      kind: str) -> None:
+    run = tmp_path / "run"
+    base = _base(run, mnist_shards, enc, dec, kind)
+    torchrun(2, "a", [*base, "train.steps=2"])
+    torchrun(1, "b", [*base, "train.steps=4", "resume=true"])   # 2 -> 1, then 2 more steps on one rank
+    torchrun(2, "c", [*base, "train.steps=5", "resume=true"])   # 1 -> 2, then 1 more step on two ranks
+    a = [_dump(run, f"a_saved_rank{r}") for r in range(2)]
+    b_loaded, b_saved = _dump(run, "b_loaded_rank0"), _dump(run, "b_saved_rank0")
+    assert_same_engines(a[0]["engines"], b_loaded["engines"], "2 -> 1")
+    assert b_loaded["train"] == 2 and b_saved["train"] == 4
+    assert torch.equal(b_loaded["chain"], torch.cat([a[0]["chain"], a[1]["chain"]]))  # 2 + 2 rows, rank order
+    assert b_loaded["stream"]["batches"] == a[0]["stream"]["batches"]
+    for rank in range(2):
+        c_loaded = _dump(run, f"c_loaded_rank{rank}")
+        assert_same_engines(b_saved["engines"], c_loaded["engines"], f"1 -> 2, rank {rank}")
+        assert c_loaded["train"] == 4
+        assert torch.equal(c_loaded["chain"], b_saved["chain"][2 * rank:2 * rank + 2])
+    assert _dump(run, "c_saved_rank0")["train"] == 5
+
+
+def test_reshard_rank_states_order() -> None:
+    old = [{"train": {"step": 7}, "stream": {"batches": 7, "rank": r}, "mi": {"r": r},
+            "chain": torch.full((2, 1, 2, 2), float(r)), "gens": {}, "torch_rng": torch.zeros(1)} for r in range(3)]
+    rows = [checkpoint.reshard_rank_states(old, rank=r, world_size=2, num_chains=6)["chain"][:, 0, 0, 0].tolist()
+            for r in range(2)]
+    assert rows == [[0.0, 0.0, 1.0], [1.0, 2.0, 2.0]]
+    one = checkpoint.reshard_rank_states(old, rank=3, world_size=4, num_chains=6)  # 1 row each: rows 3
+    assert one["chain"][:, 0, 0, 0].tolist() == [1.0]
+    assert (one["gens"], one["torch_rng"], one["stream"], one["mi"]) == (None, None, old[0]["stream"], {"r": 0})
+    wrapped = checkpoint.reshard_rank_states(old[:1], rank=0, world_size=1, num_chains=6)  # fewer rows: cyclic
+    assert wrapped["chain"].shape[0] == 6
+    old[2]["train"] = {"step": 6}
+    with pytest.raises(checkpoint.CheckpointError, match="disagree on the step"):
+        checkpoint.reshard_rank_states(old, rank=0, world_size=1, num_chains=6)
+
+
+def test_resume_on_one_rank_names_a_missing_or_broken_file(tmp_path: Path, mnist_shards: Path) -> None:
+    run = tmp_path / "run"
+    base = _base(run, mnist_shards, 0, 2, "symmetric")
+    torchrun(2, "a", [*base, "train.steps=1"])
+    step = checkpoint.latest_dir(run)
+    assert step is not None
+    resume = load_config(None, [*base, "train.steps=2", "resume=true"])
+    other_stage = load_config(None, [*base, "train.steps=2", "resume=true", "engines.decoder.zero_stage=1"])
+    with pytest.raises(checkpoint.CheckpointError, match="decoder engine at ZeRO stage 2, this run builds stage 1"):
+        run_training(other_stage)
+    rank_file = step / "rank_00001.pt"
+    shutil.move(rank_file, tmp_path / "rank_00001.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank_00001\.pt.*restore it, or point .*latest"):
+        run_training(resume)
+    rank_file.write_bytes((tmp_path / "rank_00001.pt").read_bytes()[:100])  # truncated
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot read .*rank_00001\.pt"):
+        run_training(resume)
+    shutil.move(tmp_path / "rank_00001.pt", rank_file)
+    shard = step / "decoder" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"decoder lacks the ZeRO optimizer partitions of ranks \[1\]"):
+        run_training(resume)
