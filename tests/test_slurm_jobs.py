@@ -8,6 +8,7 @@ of the script are overridden on the command line, as a user would.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,3 +114,30 @@ def test_killed_rank_fails_the_job_with_a_readable_error(slurm_cluster: Cluster,
     assert "rank 0: a collective operation failed" in log
     assert slurm_cluster.exit_code(job) not in (0, None)
     assert not os.path.exists(run / "PREEMPTED")
+
+
+def test_preempted_job_checkpoints_is_requeued_and_matches_an_uninterrupted_job(
+        slurm_cluster: Cluster, tmp_path: Path, mnist_shards: Path) -> None:
+    """A job of the `high` partition needs both nodes: SLURM signals the running `low` job's ranks, they
+    checkpoint within GraceTime, the job is requeued, and it later resumes and finishes."""
+    extra = ("train.steps=1200", "checkpoint.every=100000", "monitor.log_every=500", "monitor.image_every=100000")
+    full_job = submit(slurm_cluster, tmp_path / "full", mnist_shards, *extra)
+    assert slurm_cluster.wait_for(full_job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300) == "COMPLETED"
+    job = submit(slurm_cluster, tmp_path / "cut", mnist_shards, *extra)
+    slurm_cluster.wait_for(job, {"RUNNING"}, timeout=120)
+    deadline = time.monotonic() + 120
+    while "train stream" not in output(tmp_path / "cut", job) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(1)
+    high = slurm_cluster.run("sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive", "--time=2",
+                             f"--output={tmp_path / 'high.out'}", "--wrap=sleep 1").stdout.strip()
+    slurm_cluster.wait_for(int(high.split(";")[0]), {"COMPLETED"}, timeout=180)
+    state = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    log = output(tmp_path / "cut", job)
+    assert state == "COMPLETED", log[-4000:]
+    # the ranks get the job's --signal (USR1: the cluster has preempt_send_user_signal) or else SIGTERM
+    assert re.search(r"SIG(USR1|TERM) received: checkpoint at step \d+ written", log), log[-4000:]
+    assert "restart 1" in log and "resuming (resume=true)" in log
+    for name in ("encoder", "decoder"):
+        full, cut = weights(tmp_path / "full", name), weights(tmp_path / "cut", name)
+        assert all(torch.equal(full[k], cut[k]) for k in full), f"{name} differs from the uninterrupted job"
