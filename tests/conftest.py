@@ -39,3 +39,23 @@ def tiny_overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
             "train.batch_size=16", "train.steps=6", "monitor.log_every=1", "monitor.image_every=3",
             "monitor.num_grid=8", "monitor.progress=false", "checkpoint.every=3", "sampling.num_chains=4",
             f"engines.ds_config={ROOT / 'ds_config.json'}", *extra]
+
+
+def read_shard_groups(out: Path) -> tuple[dict, dict[str, dict[str, dict[str, bytes]]]]:
+    """A shard directory read with plain tarfile: manifest, and split -> key -> member suffix -> bytes
+    (key = base name up to the first dot); every split must hold its manifest count of keys."""
+    import json
+    import os
+    import tarfile
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    splits: dict[str, dict[str, dict[str, bytes]]] = {}
+    for split, entry in manifest["splits"].items():
+        groups = splits.setdefault(split, {})
+        for shard in entry["shards"]:
+            with tarfile.open(out / shard["name"]) as tar:
+                for member in tar.getmembers():
+                    key, suffix = os.path.basename(member.name).split(".", 1)
+                    groups.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+        assert len(groups) == entry["num_samples"]
+    return manifest, splits

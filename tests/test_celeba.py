@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from symeq_dist.data.celeba import (
 )
 from symeq_dist.data.convert import JOURNAL, ConversionError
 from symeq_dist.data.samples import Schema, decode
+from tests.conftest import read_shard_groups
 
 CELEBA_N, HQ_N, SIZE = 30, 24, 32
 SPLIT_NAMES = ("train", "valid", "test")
@@ -47,24 +47,9 @@ HQ_OPTIONS = {"size": SIZE, "image_format": "png", "samples_per_shard": 5}
 
 # ---------------------------------------------------------------- helpers
 
-def read_groups(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, bytes]]]]:
-    """manifest, and split -> key -> member suffix -> bytes (key = base name up to the first dot), via tarfile."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    splits: dict[str, dict[str, dict[str, bytes]]] = {}
-    for split, entry in manifest["splits"].items():
-        groups = splits.setdefault(split, {})
-        for shard in entry["shards"]:
-            with tarfile.open(out / shard["name"]) as tar:
-                for member in tar.getmembers():
-                    key, suffix = os.path.basename(member.name).split(".", 1)
-                    groups.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-        assert len(groups) == entry["num_samples"]
-    return manifest, splits
-
-
 def decoded(out: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """manifest, and split -> samples in key order, each decoded against the manifest schema plus its json meta."""
-    manifest, splits = read_groups(out)
+    manifest, splits = read_shard_groups(out)
     schema = Schema.from_manifest(manifest)
     return manifest, {split: [{**decode(groups[key], schema, f"{split}/{key}"), "meta": json.loads(groups[key]["json"]),
                                "members": sorted(groups[key])} for key in sorted(groups)]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from symeq_dist.data.digits_seg import write_digits_seg_shards
 from symeq_dist.data.folder import write_folder_shards
 from symeq_dist.data.samples import Schema, decode
 from symeq_dist.data.shards import FASHION_MNIST_DIR, read_idx, read_mnist_5k, stratified_split
+from tests.conftest import read_shard_groups
 
 # class folder -> [(relative name, (width, height))]; sizes differ, so crops differ per image
 TREE = {"birds": [("b1.png", (40, 30)), ("nested/b2.jpg", (33, 47))],
@@ -29,24 +28,9 @@ NUM_IMAGES = sum(len(v) for v in TREE.values())
 
 # ---------------------------------------------------------------- helpers
 
-def read_shards(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, bytes]]]]:
-    """manifest, and split -> key -> member suffix -> bytes, read with tarfile."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    splits: dict[str, dict[str, dict[str, bytes]]] = {}
-    for split, entry in manifest["splits"].items():
-        groups = splits.setdefault(split, {})
-        for shard in entry["shards"]:
-            with tarfile.open(out / shard["name"]) as tar:
-                for member in tar.getmembers():
-                    key, suffix = os.path.basename(member.name).split(".", 1)
-                    groups.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-        assert len(groups) == entry["num_samples"]
-    return manifest, splits
-
-
 def decoded(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]]:
     """manifest, and split -> key -> decoded sample (image, label, mask) plus its `json` meta."""
-    manifest, splits = read_shards(out)
+    manifest, splits = read_shard_groups(out)
     schema = Schema.from_manifest(manifest)
     samples = {split: {key: {**decode(members, schema, f"{split}/{key}"),
                              "meta": json.loads(members["json"]) if "json" in members else None}
@@ -237,7 +221,7 @@ def test_digits_seg_bytes_do_not_depend_on_workers_or_shard_size(seg_shards: Pat
     assert tar_bytes(seg_shards) == tar_bytes(tmp_path / "w2")
     write_digits_seg_shards(tmp_path / "s7", samples_per_shard=7, workers=1, **SEG)
     assert len(tar_bytes(tmp_path / "s7")) == 9 + 3
-    assert read_shards(seg_shards)[1] == read_shards(tmp_path / "s7")[1]  # every member of every key
+    assert read_shard_groups(seg_shards)[1] == read_shard_groups(tmp_path / "s7")[1]  # every member of every key
 
 
 def test_digits_seg_fashion_mnist(tmp_path: Path) -> None:
