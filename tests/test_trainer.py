@@ -179,3 +179,8 @@ def test_bad_samples_skip_is_counted_in_tensorboard_and_fail_names_the_shard(tmp
     assert values[-1] == int(values[-1])
     with pytest.raises(DataError, match=r"mnist-train-0000\d\d\.tar, sample #\d+: not in the tar: .*truncated"):
         _train(tmp_path, shards, "fail", "data.bad_samples=fail")
+
+
+def test_grad_spike_guard_refuses_zero3(tmp_path: Path, mnist_shards: Path) -> None:
+    with pytest.raises(ValueError, match=r"game.grad_spike needs ZeRO stage <= 2"):
+        _train(tmp_path, mnist_shards, "run", "game.grad_spike=5", "engines.decoder.zero_stage=3")
