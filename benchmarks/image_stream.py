@@ -43,7 +43,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import add_threads_arg, bench_dir, fmt_rounds, median, ratio, remove_dir, run_rounds, set_threads
+from _common import (
+    add_threads_arg,
+    bench_dir,
+    fmt_rounds,
+    median,
+    ratio,
+    raw_tar_pass,
+    remove_dir,
+    run_rounds,
+    set_threads,
+)
 from PIL import Image
 
 from symeq_dist.config import DataConfig
@@ -89,17 +99,6 @@ def write_shards(out: Path, size: int, images: int) -> dict:
 def shard_paths(shards: Path) -> list[Path]:
     manifest = json.loads((shards / "manifest.json").read_text())
     return [shards / e["name"] for e in manifest["splits"]["train"]["shards"]]
-
-
-def raw_pass(paths: list[Path]) -> int:
-    """Read every member of every shard once; returns the bytes read."""
-    total = 0
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile():
-                    total += len(tar.extractfile(member).read())
-    return total
 
 
 def jpeg_bytes(paths: list[Path]) -> list[bytes]:
@@ -152,7 +151,7 @@ def bench_size(shards: Path, size: int, args: argparse.Namespace, batches: int) 
         contenders[name] = lambda n, s=stream: take(s, n // BATCH)
         units[name] = batches * BATCH
         before[name] = (lambda s=stream, k=2 * w: (settle(), take(s, k))) if w > 0 else settle
-    contenders["raw"] = lambda n: [raw_pass(paths) for _ in range(n // images)]
+    contenders["raw"] = lambda n: [raw_tar_pass(paths) for _ in range(n // images)]
     units["raw"] = args.passes * images
     before["raw"] = settle
     contenders["decode_only"] = lambda n: [decode_all(blobs) for _ in range(n // images)]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from _common import (
     fmt_rounds,
     median,
     ratio,
+    raw_tar_pass,
     remove_dir,
     run_rounds,
     set_threads,
@@ -61,16 +61,7 @@ def raw_reader(shards: Path, split: str) -> tuple[Callable[[], int], int]:
     paths = [shards / e["name"] for e in entries]
     images = sum(int(e["num_samples"]) for e in entries)
 
-    def one_pass() -> int:
-        total = 0
-        for path in paths:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():
-                        total += len(tar.extractfile(member).read())
-        return total
-
-    return one_pass, images
+    return lambda: raw_tar_pass(paths), images
 
 
 def main() -> None:
