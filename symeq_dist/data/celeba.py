@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from symeq_dist.data.convert import convert
+from symeq_dist.data.convert import add_conversion_args, convert
 from symeq_dist.data.samples import IMAGE_FORMATS, Sample, Schema
 
 log = logging.getLogger(__name__)
@@ -433,10 +433,7 @@ def _add_common(parser: argparse.ArgumentParser, *, out: str, size: int, samples
     parser.add_argument("--size", type=int, default=size, help=f"output height = width in pixels (default {size})")
     parser.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="jpg",
                         help="per-sample image: jpg (quality 95, default) or png (lossless)")
-    parser.add_argument("--samples-per-shard", type=int, default=samples_per_shard,
-                        help=f"images per tar (default {samples_per_shard})")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="conversion processes (default: all cores)")
+    add_conversion_args(parser, samples_per_shard=samples_per_shard)
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N images of each split")
 
 

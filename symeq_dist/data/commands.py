@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,6 @@ def run_shards(args: argparse.Namespace) -> int:
         report = verify_shards(args.dir)
         print(report.summary())
         return 0 if report.ok else 1
-    if hasattr(args, "workers") and args.workers is None:
-        args.workers = os.cpu_count() or 1
     manifest = args.run(args)
     counts = ", ".join(f"{split} {entry['num_samples']}" for split, entry in manifest["splits"].items())
     print(f"wrote {manifest['dataset']} shards to {args.out} ({counts}); check them with "

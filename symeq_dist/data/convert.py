@@ -12,6 +12,7 @@ Must not import torch, models or engines.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import io
@@ -112,6 +113,14 @@ def convert(out_dir: Path, *, dataset: str, splits: dict[str, Sequence[Any]], ma
              ", ".join(f"{s} {e['num_samples']} samples in {len(e['shards'])} shards"
                        for s, e in manifest["splits"].items()))
     return manifest
+
+
+def add_conversion_args(parser: argparse.ArgumentParser, *, samples_per_shard: int, unit: str = "images") -> None:
+    """The options every per-sample converter's command has: `--samples-per-shard` and `--workers`."""
+    parser.add_argument("--samples-per-shard", type=int, default=samples_per_shard,
+                        help=f"{unit} per tar (default {samples_per_shard})")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="conversion processes (default: all cores)")
 
 
 def _describe(fn: Any) -> str:

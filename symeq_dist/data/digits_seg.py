@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from symeq_dist.data.convert import convert
+from symeq_dist.data.convert import add_conversion_args, convert
 from symeq_dist.data.samples import Sample, Schema
 from symeq_dist.data.shards import (
     FASHION_MNIST_DIR,
@@ -261,9 +260,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=int, default=None,
                         help="foreground: uint8 pixels >= this (default 112 for mnist, 50 for fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0, help="glyph split and layout seed (default 0)")
-    parser.add_argument("--samples-per-shard", type=int, default=2000, help="canvases per tar (default 2000)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="conversion processes (default: all cores)")
+    add_conversion_args(parser, samples_per_shard=2000, unit="canvases")
     parser.add_argument("--idx-dir", type=Path, default=None,
                         help=f"Fashion-MNIST idx directory (default {FASHION_MNIST_DIR})")
     parser.set_defaults(run=_run)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from symeq_dist.data.convert import convert
+from symeq_dist.data.convert import add_conversion_args, convert
 from symeq_dist.data.samples import IMAGE_FORMATS, Sample, Schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -234,9 +234,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.0,
                         help="share held out as split valid, stratified by class with --labels (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="split and shard-order seed (default 0)")
-    parser.add_argument("--samples-per-shard", type=int, default=5000, help="images per tar (default 5000)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="conversion processes (default: all cores)")
+    add_conversion_args(parser, samples_per_shard=5000)
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N images (smoke runs)")
     parser.set_defaults(run=_run)
 
