@@ -32,9 +32,9 @@ import torch.distributed as tdist  # noqa: E402
 
 from symeq_dist.config import RunConfig  # noqa: E402
 from symeq_dist.data import load_manifest, to_float  # noqa: E402
-from symeq_dist.data.shards import write_mnist_shards  # noqa: E402
+from symeq_dist.datasets.mnist import write_mnist_shards  # noqa: E402
 from symeq_dist.models import build_players  # noqa: E402
-from symeq_dist.prior import build_prior  # noqa: E402
+from symeq_dist.priors import build_prior  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs" / "demo_mnist_mlp.yaml"
 LADDER_CONFIG = ROOT / "configs" / "mnist_ladder.yaml"
@@ -111,8 +111,7 @@ class PlainGame:
     def __init__(self, cfg: RunConfig, images: torch.Tensor, *, rank: int = 0, world_size: int = 1) -> None:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.encoder, self.decoder = build_players(cfg.model)
-        top = self.decoder.latent_names[0]
-        self.prior = build_prior(self.decoder.top_family, self.decoder.latent_shapes[top])
+        self.prior = build_prior(cfg.prior, self.decoder)
         self.opt_enc = torch.optim.Adam(self.encoder.parameters(), lr=cfg.engines.encoder.lr)
         self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg.engines.decoder.lr)
         self.data = to_float(images, cfg.data)

@@ -1,6 +1,6 @@
 """Time per training step: the symmetric game (two engines) vs the ELBO baseline (one joint engine).
 
-Both contenders are the real Trainer (`symeq_dist.cli.build_trainer`) on the same config, model, batch and
+Both contenders are the real Trainer (`symeq_dist.api.build_trainer`) on the same config, model, batch and
 shard stream, ZeRO-0, world size 1, one process, interleaved in rounds; only `game.kind` differs:
 
 - symmetric: wake sample, decoder engine step, dream from the updated decoder, encoder engine step;
@@ -41,10 +41,10 @@ from _common import (
     set_threads,
 )
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import load_config
-from symeq_dist.monitor import setup_logging
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.monitor import setup_logging
 
 
 def main() -> None:

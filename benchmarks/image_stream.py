@@ -2,7 +2,7 @@
 
 Data: for each size S, a temporary shard set of N smooth synthetic photo-like RGB images (a random
 low-resolution colour grid upsampled with PIL bicubic, a few gaussian blobs, mild pixel noise), written by
-`symeq_dist.data.convert.convert` as per-sample JPEG shards (`Schema((3, S, S), "jpg")`, quality 95,
+`symeq_dist.datasets.convert.convert` as per-sample JPEG shards (`Schema((3, S, S), "jpg")`, quality 95,
 4:4:4), 256 images per shard, 2 writer processes. Removed at the end unless `--keep`.
 
 Contenders per size, one process, interleaved in rounds (`_common.run_rounds`, units = images):
@@ -58,9 +58,9 @@ from PIL import Image
 
 from symeq_dist.config import DataConfig
 from symeq_dist.data import build_train_stream
-from symeq_dist.data.convert import convert
-from symeq_dist.data.samples import Sample, Schema
-from symeq_dist.monitor import setup_logging
+from symeq_dist.data.schema import Sample, Schema
+from symeq_dist.datasets.convert import convert
+from symeq_dist.runtime.monitor import setup_logging
 
 BATCH = 64
 SIZES = (64, 128, 256)
@@ -195,7 +195,7 @@ def main() -> None:
     batches = per_size(args.batches, DEFAULT_BATCHES, args.sizes, "--batches")
     set_threads(args.threads)
     setup_logging(1)  # warnings only
-    logging.getLogger("symeq_dist.data.convert").setLevel(logging.WARNING)
+    logging.getLogger("symeq_dist.datasets.convert").setLevel(logging.WARNING)
     tmp = bench_dir("symeq-bench-image-stream-")
     try:
         start = time.perf_counter()

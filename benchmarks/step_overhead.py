@@ -31,12 +31,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from _common import PlainGame  # noqa: E402
 
-from symeq_dist import dist  # noqa: E402
-from symeq_dist.cli import build_trainer  # noqa: E402
+from symeq_dist.api import build_trainer  # noqa: E402
 from symeq_dist.config import load_config  # noqa: E402
 from symeq_dist.data import build_eval_batches, load_manifest  # noqa: E402
-from symeq_dist.data.shards import write_mnist_shards  # noqa: E402
-from symeq_dist.monitor import setup_logging  # noqa: E402
+from symeq_dist.datasets.mnist import write_mnist_shards  # noqa: E402
+from symeq_dist.runtime import dist  # noqa: E402
+from symeq_dist.runtime.monitor import setup_logging  # noqa: E402
 
 
 def time_steps(fn, steps: int) -> float:

@@ -45,11 +45,11 @@ from _common import (
     set_threads,
 )
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import DataConfig, load_config
 from symeq_dist.data import build_train_stream
-from symeq_dist.monitor import setup_logging
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.monitor import setup_logging
 
 BATCH = 128
 

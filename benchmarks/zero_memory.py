@@ -39,10 +39,10 @@ import torch
 from _common import LADDER_CONFIG, SHARDS, bench_dir, bench_overrides, ensure_shards, launch, remove_dir
 from torch import nn
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import load_config
-from symeq_dist.monitor import setup_logging
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.monitor import setup_logging
 
 KINDS = ("params", "grads", "optimizer", "buffers")
 MiB = 2**20

@@ -1,6 +1,6 @@
 """Our trainer vs a minimal hand-written PyTorch loop of the same game, at ZeRO stages 0-3, world size 1 and 2.
 
-Ours is the real Trainer (`symeq_dist.cli.build_trainer`: two DeepSpeed engines, the shard stream, noise,
+Ours is the real Trainer (`symeq_dist.api.build_trainer`: two DeepSpeed engines, the shard stream, noise,
 finiteness agreement, MI monitors, logging) with both players at one ZeRO stage
 (`engines.encoder.zero_stage=S engines.decoder.zero_stage=S`). Plain is `_common.PlainGame`: two modules,
 two torch.optim.Adam, batches from memory; at world size 2 it all-reduces each player's gradients by hand
@@ -47,11 +47,11 @@ from _common import (
     set_threads,
 )
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import load_config
 from symeq_dist.data import build_eval_batches
-from symeq_dist.monitor import setup_logging
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.monitor import setup_logging
 
 STAGES = (0, 1, 2, 3)
 

@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_REQUEUE = 75  # symeq_dist.faults.EXIT_REQUEUE (not imported: the launcher needs no torch)
-PREEMPTED_FILE = "PREEMPTED"  # symeq_dist.faults.PREEMPTED_FILE
+EXIT_REQUEUE = 75  # symeq_dist.train.preemption.EXIT_REQUEUE (not imported: the launcher needs no torch)
+PREEMPTED_FILE = "PREEMPTED"  # symeq_dist.train.preemption.PREEMPTED_FILE
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 

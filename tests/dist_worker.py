@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import load_config
-from symeq_dist.engines import full_state_dict
-from symeq_dist.monitor import setup_logging
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.engines import full_state_dict
+from symeq_dist.runtime.monitor import setup_logging
 
 
 def main(argv: list[str]) -> None:

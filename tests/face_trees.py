@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from symeq_dist.data.celeba import CELEBA_ATTRIBUTES, MASK_CLASSES
+from symeq_dist.datasets.celeba import CELEBA_ATTRIBUTES
+from symeq_dist.datasets.celebamask_hq import MASK_CLASSES
 
 CELEBA_SIZE = (178, 218)  # W, H of img_align_celeba
 HQ_IMAGE_SIZE = 128  # real CelebA-HQ images are 1024 x 1024; the converter only needs square images

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-from symeq_dist import dist
-from symeq_dist.cli import build_trainer
+from symeq_dist.api import build_trainer
 from symeq_dist.config import load_config
-from symeq_dist.monitor import setup_logging
-from symeq_dist.trainer import Trainer
+from symeq_dist.runtime import dist
+from symeq_dist.runtime.monitor import setup_logging
+from symeq_dist.train.trainer import Trainer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

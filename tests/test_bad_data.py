@@ -19,7 +19,7 @@ import torch
 from symeq_dist.cli import main
 from symeq_dist.config import DataConfig
 from symeq_dist.data import DataError, Sample, Schema, build_eval_batches, build_train_stream, verify_shards
-from symeq_dist.data.convert import convert
+from symeq_dist.datasets.convert import convert
 
 SCHEMA = Schema((3, 8, 8), "png", num_classes=3, mask_classes=("background", "a", "b"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,17 +25,11 @@ from face_trees import (
 )
 from PIL import Image
 
-from symeq_dist.data.celeba import (
-    CELEBA_ATTRIBUTES,
-    MASK_CLASSES,
-    OVERLAP_ORDER,
-    add_parsers,
-    build_label_map,
-    write_celeba_shards,
-    write_celebamask_hq_shards,
-)
-from symeq_dist.data.convert import JOURNAL, ConversionError
-from symeq_dist.data.samples import Schema, decode
+from symeq_dist.cli.shards import shards_parser
+from symeq_dist.data.schema import Schema, decode
+from symeq_dist.datasets.celeba import CELEBA_ATTRIBUTES, write_celeba_shards
+from symeq_dist.datasets.celebamask_hq import MASK_CLASSES, OVERLAP_ORDER, build_label_map, write_celebamask_hq_shards
+from symeq_dist.datasets.convert import JOURNAL, ConversionError
 from tests.conftest import read_shard_groups
 
 CELEBA_N, HQ_N, SIZE = 30, 24, 32
@@ -214,8 +207,7 @@ def test_celeba_resumes_after_a_bad_image(celeba_root: Path, celeba_out: Path, t
 
 
 def test_cli_parsers_defaults_and_run(celeba_root: Path, hq_root: Path, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="converter"))
+    parser = shards_parser()
     args = parser.parse_args(["celeba", "ROOT"])
     assert (args.out, args.size, args.crop, args.image_format) == (Path("data_shards/celeba"), 64, 148, "jpg")
     assert (args.samples_per_shard, args.workers, args.limit) == (5000, os.cpu_count(), None)

@@ -78,7 +78,7 @@ def test_config_is_frozen() -> None:
 def test_shipped_gpu_ds_configs_pass_our_checks(name: str) -> None:
     """The worked GPU configs (docs) hold no run numbers and are valid engine configs."""
     from symeq_dist.config import EngineConfig
-    from symeq_dist.engines import engine_config, load_ds_config
+    from symeq_dist.runtime.engines import engine_config, load_ds_config
 
     base = load_ds_config(ROOT / "configs" / name)
     assert base["bf16"]["enabled"] and base["gradient_clipping"] == 0.0

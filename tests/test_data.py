@@ -28,15 +28,17 @@ from symeq_dist.data import (
     build_eval_batches,
     build_train_stream,
     load_manifest,
-    read_idx,
-    read_mnist_5k,
     to_float,
     verify_shards,
+)
+from symeq_dist.datasets.mnist import (
+    read_idx,
+    read_mnist_5k,
+    stratified_split,
     write_fashion_mnist_shards,
     write_mnist_shards,
-    write_shards,
 )
-from symeq_dist.data.shards import stratified_split
+from symeq_dist.datasets.packed import write_shards
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 Digits = tuple[np.ndarray, np.ndarray]  # real MNIST-5k: images (5000, 28, 28) uint8, labels (5000,)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from symeq_dist import checkpoint
-from symeq_dist.cli import SampleArgs, run_sampling
-from symeq_dist.config import ModelConfig
+from symeq_dist.api import SampleRequest, sample
+from symeq_dist.config import model_config
 from symeq_dist.models import build_players
-from tests.conftest import ROOT, tiny_overrides
+from symeq_dist.runtime import checkpoint
+from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.dist
 
 
 def torchrun(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "dist_worker.py"), *overrides]
@@ -45,12 +44,12 @@ def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path,
             assert value.numel() > 0, f"{name}.{key} is an empty (partitioned) tensor"
             assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs across ranks"
     # the consolidated checkpoint (zero_to_fp32 at ZeRO-3) holds the weights the live engines hold
-    encoder, decoder = build_players(ModelConfig(kind="mlp", hidden=32, num_latents=4))
+    encoder, decoder = build_players(model_config(kind="mlp", hidden=32, num_latents=4))
     assert checkpoint.load_weights(run_dir, encoder, decoder) == 4
     live = ranks[0]["joint"] if kind == "elbo" else {f"decoder.{k}": v for k, v in ranks[0]["decoder"].items()}
     for key, value in decoder.state_dict().items():
         assert torch.equal(value, live[f"decoder.{key}"].float()), key
-    assert run_sampling(SampleArgs(run_dir, "limiting", 3, 4, tmp_path / "g.png", 0)).is_file()
+    assert sample(SampleRequest(run_dir=run_dir, mode="limiting", steps=3, num=4, out=tmp_path / "g.png")).is_file()
 
 
 def test_two_ranks_resume_bitwise(tmp_path: Path, mnist_shards: Path) -> None:

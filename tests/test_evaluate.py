@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from symeq_dist import checkpoint
-from symeq_dist.cli import main, run_training
+from symeq_dist.api import train as run_training
+from symeq_dist.cli import main
 from symeq_dist.config import load_config
-from symeq_dist.evaluate import EvalOptions, evaluate
-from symeq_dist.features import train_classifier
+from symeq_dist.eval.features.classifier import train_classifier
+from symeq_dist.eval.run import EvalOptions, evaluate
+from symeq_dist.runtime import checkpoint
 from tests.conftest import tiny_overrides
 
 

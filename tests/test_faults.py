@@ -6,7 +6,6 @@ SIGUSR1 to the launcher stands in for SLURM's pre-time-limit signal.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launcher.launch import Layout, layout_from_env, resolve_run_dir
-from symeq_dist import checkpoint
-from tests.conftest import ROOT, tiny_overrides
+from symeq_dist.runtime import checkpoint
+from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.dist
 CONFIG = str(ROOT / "configs" / "debug_cpu.yaml")
@@ -27,7 +26,7 @@ CONFIG = str(ROOT / "configs" / "debug_cpu.yaml")
 
 def launch(run_dir: Path, shards: Path, *extra: str, fault: str = "", grace: float = 5.0,
            background: bool = False) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "SYMEQ_FAULT": fault}
+    env = subprocess_env(SYMEQ_FAULT=fault)
     for key in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "SLURM_JOB_ID", "SLURM_PROCID"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "launcher", "--nproc-per-node", "2", "--grace", str(grace), CONFIG,
@@ -112,18 +111,19 @@ def test_preemption_signal_checkpoints_and_the_rerun_finishes_like_an_uninterrup
         assert same(weights(tmp_path / "full", 120, name), weights(tmp_path / "cut", 120, name)), name
 
 
-def test_launcher_forwards_a_real_signal(tmp_path: Path, mnist_shards: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR1], ids=["USR1"])
+def test_launcher_forwards_a_real_signal(tmp_path: Path, mnist_shards: Path, signum: signal.Signals) -> None:
     proc = launch(tmp_path / "run", mnist_shards, "train.steps=100000", "checkpoint.every=100000",
                   "monitor.log_every=100000", "monitor.image_every=100000", background=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "tb").is_dir() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
     step = checkpoint.load_meta(tmp_path / "run")["step"]
-    assert 0 < step < 100000 and f"SIGUSR1 received: checkpoint at step {step} written" in out
+    assert 0 < step < 100000 and f"{signum.name} received: checkpoint at step {step} written" in out
 
 
 def test_slurm_environment_is_read_once(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from symeq_dist.fd import GaussianStats, frechet_distance, frechet_distance_stats, linear_probe_accuracy
+from symeq_dist.eval.frechet import GaussianStats, frechet_distance, frechet_distance_stats
+from symeq_dist.eval.probe import linear_probe_accuracy
 
 
 def _random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from symeq_dist.data.shards import read_mnist_5k, write_shards
-from symeq_dist.features import (
-    CLASSIFIER_KEYS,
+from symeq_dist.datasets.mnist import read_mnist_5k
+from symeq_dist.datasets.packed import write_shards
+from symeq_dist.eval.features.classifier import CLASSIFIER_KEYS, load_classifier_features, train_classifier
+from symeq_dist.eval.features.inception import (
     INCEPTION_FILE,
     InceptionFeatures,
     _tf_avg_pool,
     inception_state_dict_template,
-    load_classifier_features,
     load_inception_features,
-    train_classifier,
 )
 
 # pytorch-fid's FID InceptionV3 with the 1008-class fc, without AuxLogits. Derivation, independent of our code:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from symeq_dist.data import digits_seg, folder
-from symeq_dist.data.convert import ConversionError
-from symeq_dist.data.digits_seg import write_digits_seg_shards
-from symeq_dist.data.folder import write_folder_shards
-from symeq_dist.data.samples import Schema, decode
-from symeq_dist.data.shards import FASHION_MNIST_DIR, read_idx, read_mnist_5k, stratified_split
+from symeq_dist.cli.shards import shards_parser
+from symeq_dist.data.schema import Schema, decode
+from symeq_dist.datasets.convert import ConversionError
+from symeq_dist.datasets.digits_seg import write_digits_seg_shards
+from symeq_dist.datasets.folder import write_folder_shards
+from symeq_dist.datasets.mnist import FASHION_MNIST_DIR, read_idx, read_mnist_5k, stratified_split
 from tests.conftest import read_shard_groups
 
 # class folder -> [(relative name, (width, height))]; sizes differ, so crops differ per image
@@ -254,10 +253,7 @@ def test_digits_seg_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- command line
 
 def test_subparsers_run_the_writers(image_tree: Path, tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="symeq shards")
-    kinds = parser.add_subparsers(dest="converter", required=True)
-    folder.add_parser(kinds)
-    digits_seg.add_parser(kinds)
+    parser = shards_parser()
     args = parser.parse_args(["folder", str(image_tree), "--size", "8", "--labels", "--format", "png", "--grey",
                               "--workers", "1", "--name", "pets", "--out", str(tmp_path / "pets")])
     manifest = args.run(args)

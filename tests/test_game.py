@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from symeq_dist import game
-from symeq_dist.config import ModelConfig
+from symeq_dist.config import PriorConfig, model_config
 from symeq_dist.models import build_players
-from symeq_dist.prior import build_prior
+from symeq_dist.priors import build_prior
 
 MODELS = {
-    "mlp-gaussian": ModelConfig(kind="mlp", latent="gaussian", num_latents=4, hidden=16),
-    "mlp-bernoulli": ModelConfig(kind="mlp", latent="bernoulli", num_latents=6, hidden=16, x_dist="gaussian"),
-    "ladder": ModelConfig(kind="ladder", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8),
-    "ladder-gaussian-x": ModelConfig(kind="ladder", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8,
+    "mlp-gaussian": model_config(kind="mlp", latent="gaussian", num_latents=4, hidden=16),
+    "mlp-bernoulli": model_config(kind="mlp", latent="bernoulli", num_latents=6, hidden=16, x_dist="gaussian"),
+    "ladder": model_config(kind="ladder", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8),
+    "ladder-gaussian-x": model_config(kind="ladder", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8,
                                      x_dist="gaussian"),
-    "reverse": ModelConfig(kind="reverse", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8),
+    "reverse": model_config(kind="reverse", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8),
 }
 
 
 def _setup(name: str):
     encoder, decoder = build_players(MODELS[name])
-    prior = build_prior(decoder.top_family, decoder.latent_shapes[decoder.latent_names[0]])
+    prior = build_prior(PriorConfig(), decoder)
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(6, 1, 28, 28, generator=gen) > 0.5).float()
     return encoder, decoder, prior, gen, x

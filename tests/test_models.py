@@ -10,7 +10,7 @@ import torch
 import torch.distributions as td
 from torch import Tensor, nn
 
-from symeq_dist.config import ModelConfig
+from symeq_dist.config import ModelConfig, model_config
 from symeq_dist.models import (
     Bernoulli,
     Categorical,
@@ -18,14 +18,13 @@ from symeq_dist.models import (
     Distribution,
     Encoder,
     Gaussian,
-    HierarchicalDecoder,
-    LadderEncoder,
-    MLPDecoder,
-    MLPEncoder,
-    ReverseEncoder,
     build_players,
 )
 from symeq_dist.models.distributions import HALF_LOG_2PI
+from symeq_dist.models.families.ladder28 import LadderEncoder
+from symeq_dist.models.families.mlp_vae import MLPDecoder, MLPEncoder
+from symeq_dist.models.families.ref28 import Reference28Decoder as HierarchicalDecoder
+from symeq_dist.models.families.reverse28 import ReverseEncoder
 
 B = 4
 
@@ -48,14 +47,14 @@ def gen(seed: int = 0) -> torch.Generator:
     ({"kind": "ladder", "x_dist": "gaussian", "trunk_width": 1000}, 4_354_786, 817_758),
 ])
 def test_reference_parameter_counts(overrides: dict, n_encoder: int, n_decoder: int) -> None:
-    encoder, decoder = build_players(ModelConfig(**overrides))
+    encoder, decoder = build_players(model_config(**overrides))
     assert num_params(encoder) == n_encoder
     assert num_params(decoder) == n_decoder
 
 
 def test_reference_parameter_count_parts() -> None:
-    ladder, decoder = build_players(ModelConfig(kind="ladder"))
-    reverse, _ = build_players(ModelConfig(kind="reverse"))
+    ladder, decoder = build_players(model_config(kind="ladder"))
+    reverse, _ = build_players(model_config(kind="reverse"))
     assert isinstance(ladder, LadderEncoder) and isinstance(decoder, HierarchicalDecoder)
     assert num_params(ladder.trunk) == 1_400_056
     assert num_params(decoder.prior_net) == 442_300
@@ -65,21 +64,21 @@ def test_reference_parameter_count_parts() -> None:
 
 
 def test_g_theta_owned_by_decoder_only() -> None:
-    encoder, decoder = build_players(ModelConfig(kind="ladder"))
+    encoder, decoder = build_players(model_config(kind="ladder"))
     enc_ids = {id(p) for p in encoder.parameters()}
     assert not enc_ids & {id(p) for p in decoder.parameters()}
     assert not any(isinstance(m, HierarchicalDecoder) for m in encoder.modules())
 
 
 def test_mlp_players_and_sigma_options() -> None:
-    encoder, decoder = build_players(ModelConfig(kind="mlp", num_latents=8, hidden=32))
+    encoder, decoder = build_players(model_config(kind="mlp", num_latents=8, hidden=32))
     assert isinstance(encoder, MLPEncoder) and isinstance(decoder, MLPDecoder)
     assert encoder.analytic_kl and decoder.top_family == "gaussian" and decoder.latent_names == ("z",)
     assert num_params(encoder) == (784 * 32 + 32) + (32 * 32 + 32) + (32 * 16 + 16)
     base = (8 * 32 + 32) + (32 * 32 + 32) + (32 * 784 + 784)
     assert num_params(decoder) == base
-    _, dec_global = build_players(ModelConfig(kind="mlp", num_latents=8, hidden=32, x_dist="gaussian"))
-    _, dec_per_dim = build_players(ModelConfig(kind="mlp", num_latents=8, hidden=32, x_dist="gaussian",
+    _, dec_global = build_players(model_config(kind="mlp", num_latents=8, hidden=32, x_dist="gaussian"))
+    _, dec_per_dim = build_players(model_config(kind="mlp", num_latents=8, hidden=32, x_dist="gaussian",
                                                sigma="per_dim"))
     assert num_params(dec_global) == base + 1 and num_params(dec_per_dim) == base + 784
 
@@ -252,12 +251,12 @@ def test_gaussian_mutual_information() -> None:
 # ---------------------------------------------------------------- player ops
 
 ARCHITECTURES = {
-    "mlp_gaussian": ModelConfig(kind="mlp", num_latents=8, hidden=32),
-    "mlp_bernoulli_gaussx": ModelConfig(kind="mlp", latent="bernoulli", num_latents=8, hidden=32,
+    "mlp_gaussian": model_config(kind="mlp", num_latents=8, hidden=32),
+    "mlp_bernoulli_gaussx": model_config(kind="mlp", latent="bernoulli", num_latents=8, hidden=32,
                                         x_dist="gaussian", sigma="per_dim"),
-    "ladder": ModelConfig(kind="ladder"),
-    "ladder_gaussx": ModelConfig(kind="ladder", x_dist="gaussian", trunk_width=64, mlp_width=64),
-    "reverse": ModelConfig(kind="reverse"),
+    "ladder": model_config(kind="ladder"),
+    "ladder_gaussx": model_config(kind="ladder", x_dist="gaussian", trunk_width=64, mlp_width=64),
+    "reverse": model_config(kind="reverse"),
 }
 
 
@@ -362,14 +361,14 @@ def test_ladder_plain_sample_detaches_g_theta() -> None:
     assert all(p.grad is None for p in decoder.parameters())
 
 
-def test_mlp_prior_logits_raises() -> None:
+def test_top_down_needs_the_top_latent() -> None:
     _, decoder = build_players(ARCHITECTURES["mlp_gaussian"])
-    with pytest.raises(NotImplementedError, match="hierarchical"):
-        decoder.prior_logits(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="needs a value in z or a posterior"):
+        decoder.top_down()
 
 
 def test_every_public_op_goes_through_forward() -> None:
-    encoder, decoder = build_players(ModelConfig(kind="ladder", trunk_width=32, mlp_width=32))
+    encoder, decoder = build_players(model_config(kind="ladder", trunk_width=32, mlp_width=32))
     calls: list[tuple[str, str]] = []
     for name, module in (("encoder", encoder), ("decoder", decoder)):
         module.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
@@ -378,12 +377,13 @@ def test_every_public_op_goes_through_forward() -> None:
         z, x_new, _ = decoder.sample(_top(decoder), gen(1))
         decoder.conditionals(z)
         decoder.x_dist(z)
-        decoder.prior_logits(z["z0"])
+        decoder.top_down(z)
         encoder.sample(x, decoder, gen(2))
         encoder.conditionals(x_new, z, decoder)
+    # one decoder call per encoder pass: the top-down quantities of every layer come from one gathered forward
     assert calls == [("decoder", "sample"), ("decoder", "conditionals"), ("decoder", "x_dist"),
-                     ("decoder", "prior_logits"), ("encoder", "sample"), ("decoder", "prior_logits"),
-                     ("encoder", "conditionals"), ("decoder", "prior_logits")]
+                     ("decoder", "top_down"), ("encoder", "sample"), ("decoder", "top_down"),
+                     ("encoder", "conditionals"), ("decoder", "top_down")]
 
 
 def test_unknown_op_raises() -> None:

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from symeq_dist.report import compare_runs, tsne_figure, write_report
+from symeq_dist.eval.compare import compare_runs
+from symeq_dist.eval.figures import tsne_figure
+from symeq_dist.eval.report import write_report
 
 
 def _codes(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:

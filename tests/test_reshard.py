@@ -6,7 +6,6 @@ equal what was saved, bitwise; the chains are redistributed in the documented or
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,16 +15,16 @@ from typing import Any
 import pytest
 import torch
 
-from symeq_dist import checkpoint
-from symeq_dist.cli import run_training
+from symeq_dist.api import train as run_training
 from symeq_dist.config import load_config
-from tests.conftest import ROOT, tiny_overrides
+from symeq_dist.runtime import checkpoint
+from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 pytestmark = pytest.mark.dist
 
 
 def torchrun(nproc: int, phase: str, overrides: list[str]) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

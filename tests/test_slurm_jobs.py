@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from symeq_dist import checkpoint
+from symeq_dist.runtime import checkpoint
 from tests.conftest import ROOT, tiny_overrides
 
 if TYPE_CHECKING:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -15,12 +14,14 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from symeq_dist import checkpoint
-from symeq_dist.cli import SampleArgs, main, run_sampling, run_training
+from symeq_dist.api import SampleRequest, sample
+from symeq_dist.api import train as run_training
+from symeq_dist.cli import main
 from symeq_dist.config import ConfigError, load_config
 from symeq_dist.data import DataError
-from symeq_dist.trainer import NonFiniteLoss
-from tests.conftest import ROOT, tiny_overrides
+from symeq_dist.runtime import checkpoint
+from symeq_dist.train.trainer import NonFiniteLoss
+from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 REQUIRED_SCALARS = ["train/decoder/loss", "train/encoder/loss", "perf/samples_per_s", "sys/skipped_steps"]
 REQUIRED_IMAGES = ["samples/data", "samples/reconstruction", "samples/random_code", "samples/limiting_chain"]
@@ -96,7 +97,7 @@ def test_hierarchical_ladder_trains_and_samples(tmp_path: Path, mnist_shards: Pa
            "model.trunk_width=16", "model.mlp_width=16", "train.steps=3")
     tags = _events(tmp_path / "ladder").Tags()["scalars"]
     assert {"train/encoder/mi/z0_mean", "train/encoder/mi/z1_mean", "train/decoder/mi/z1_mean"} <= set(tags)
-    out = run_sampling(SampleArgs(tmp_path / "ladder", "limiting", 5, 4, tmp_path / "g.png", 0))
+    out = sample(SampleRequest(run_dir=tmp_path / "ladder", mode="limiting", steps=5, num=4, out=tmp_path / "g.png"))
     assert out.is_file()
 
 
@@ -124,7 +125,8 @@ def test_bf16_engines_train_and_sample(tmp_path: Path, mnist_shards: Path) -> No
                               "gradient_clipping": 0.0}))
     last = _train(tmp_path, mnist_shards, "bf16", f"engines.ds_config={ds}", "train.steps=3")
     assert math.isfinite(last["train/decoder/loss"]) and math.isfinite(last["train/encoder/loss"])
-    assert run_sampling(SampleArgs(tmp_path / "bf16", "limiting", 3, 4, tmp_path / "g.png", 0)).is_file()
+    req = SampleRequest(run_dir=tmp_path / "bf16", mode="limiting", steps=3, num=4, out=tmp_path / "g.png")
+    assert sample(req).is_file()
 
 
 def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) -> None:
@@ -140,7 +142,7 @@ def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) 
 def test_killed_run_resumes_exactly(tmp_path: Path, mnist_shards: Path) -> None:
     """SIGKILL a real `symeq train` process after its first checkpoint; `resume=true` then logs exactly the
     losses of an uninterrupted run for every step after the checkpoint."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
 

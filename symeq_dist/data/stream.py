@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from symeq_dist.config import DataConfig
-from symeq_dist.data.samples import BadSample, Schema
-from symeq_dist.data.shards import PACKED, PER_SAMPLE
+from symeq_dist.data.manifest import samples_per_member, split_entries
+from symeq_dist.data.schema import BadSample, Schema
 from symeq_dist.data.tario import Decoded, ShardReader
 
 if TYPE_CHECKING:
@@ -51,38 +51,6 @@ _ORDER_PURPOSE = 0x5EED03  # first SeedSequence word of the epoch orders
 
 class DataError(ValueError):
     """Bad shards under policy `fail` (or every sample of a batch bad); the message names shard and key."""
-
-
-# ---------------------------------------------------------------- manifest helpers
-
-def split_entries(manifest: dict[str, Any], split: str, *, shards_dir: Path) -> list[dict[str, Any]]:
-    """The manifest's shard entries of `split`, each checked to exist on disk (checksums are not read).
-
-    Raises:
-        ValueError: unknown split, or a split without shards (the message lists the available splits).
-        FileNotFoundError: a listed shard file is missing.
-    """
-    splits = manifest["splits"]
-    available = ", ".join(f"{name} ({len(entry['shards'])} shards)" for name, entry in splits.items())
-    if split not in splits or not splits[split]["shards"]:
-        problem = "is not in" if split not in splits else "has no shards in"
-        raise ValueError(f"split '{split}' {problem} {shards_dir / 'manifest.json'}; available splits: "
-                         f"{available or 'none'} (set data.split / data.eval_split)")
-    entries = splits[split]["shards"]
-    for entry in entries:
-        if not (shards_dir / entry["name"]).is_file():
-            raise FileNotFoundError(f"shard {shards_dir / entry['name']} listed in the manifest is missing; "
-                                    "rewrite the shards (`symeq shards ...`) or point data.shards elsewhere")
-    return entries
-
-
-def samples_per_member(manifest: dict[str, Any]) -> int:
-    """1 for per-sample shards, the block size for packed ones; ValueError for an unknown format."""
-    layout = manifest.get("format", PER_SAMPLE)
-    if layout not in (PACKED, PER_SAMPLE):
-        raise ValueError(f"manifest format {layout!r} is unknown (this reader knows {PACKED!r} and "
-                         f"{PER_SAMPLE!r}); rewrite the shards with `symeq shards ...` or update symeq_dist")
-    return int(manifest.get("samples_per_member", 1)) if layout == PACKED else 1
 
 
 def split_reader(shards_dir: Path, manifest: dict[str, Any], split: str) -> ShardReader:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from symeq_dist.data.samples import BadSample, Schema, decode
+from symeq_dist.data.schema import BadSample, Schema, decode
 
 Decoded = dict[str, Any]  # {"image": uint8 (C, H, W), "label"?, "mask"?, "key": str}
 _PACKED_MEMBERS = ("images.npy", "labels.npy", "keys.json")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from symeq_dist.data.samples import BadSample, Schema
-from symeq_dist.data.shards import MANIFEST_NAME
-from symeq_dist.data.stream import samples_per_member
+from symeq_dist.data.manifest import MANIFEST_NAME, samples_per_member
+from symeq_dist.data.schema import BadSample, Schema
 from symeq_dist.data.tario import ShardReader
 
 MAX_LISTED = 5  # bad samples listed per shard; the rest are counted

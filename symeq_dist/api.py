@@ -1,0 +1,180 @@
+"""The library API: train, sample and evaluate a run as plain calls. `symeq_dist.cli` and `demo` are thin callers.
+
+    from symeq_dist import api
+    from symeq_dist.config import load_config
+    api.train(load_config("configs/debug_cpu.yaml", ["train.steps=40"]))
+    api.sample(api.SampleRequest(run_dir=Path("runs/debug"), mode="limiting", steps=1000, num=64, out=Path("g.png")))
+
+Wiring only: configs in, pieces built and handed to the trainer or the evaluator. No training logic here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from symeq_dist import sampling
+from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config
+from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
+from symeq_dist.eval.model import load_trained
+from symeq_dist.game import build_game
+from symeq_dist.models import build_players
+from symeq_dist.priors import build_prior
+from symeq_dist.runtime import checkpoint, dist
+from symeq_dist.runtime.engines import build_engines
+from symeq_dist.runtime.monitor import Monitor, make_grid, save_png, setup_logging
+from symeq_dist.train.drills import FAULT_ENV, FaultPlan
+from symeq_dist.train.state import make_generators
+from symeq_dist.train.trainer import Trainer
+
+log = logging.getLogger("symeq")
+
+# Keys a resumed run may change; anything else must match the checkpoint (no silent change of a run).
+RESUMABLE_CHANGES = ("resume", "train.steps", "monitor.", "checkpoint.", "fault.")
+
+
+# ---------------------------------------------------------------- train
+def check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's outside `RESUMABLE_CHANGES`.
+
+    The stored config is rebuilt first, so keys added since it was written compare at their defaults.
+    """
+    old, new = _flatten(config_from_dict(stored).to_dict()), _flatten(cfg.to_dict())
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(f"resume: the config differs from the checkpoint's ({diff}); only train.steps, "
+                          "monitor.*, checkpoint.* and fault.* may change on resume. Use the run's config.yaml.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _write_run_info(cfg: RunConfig, argv: list[str]) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    (run_dir / "command.txt").write_text(f"{' '.join(['symeq', *argv])}\ncommit {commit or 'unknown'}\n")
+
+
+def _check_data(cfg: RunConfig) -> None:
+    manifest = load_manifest(cfg.data.shards)
+    shape = tuple(manifest["image_shape"])
+    if shape != cfg.model.image_shape:
+        raise ConfigError(f"model.image_shape: {cfg.model.image_shape} does not match the shards' "
+                          f"{shape} ({cfg.data.shards}/manifest.json); set model.image_shape={list(shape)}")
+
+
+def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = None) -> Trainer:
+    """Build every piece of a run (players, prior, game, engines, stream, monitor); restore it when resuming."""
+    _check_data(cfg)
+    if not cfg.resume and checkpoint.latest_dir(cfg.run_dir) is not None:
+        raise ConfigError(f"run_dir {cfg.run_dir} already holds a checkpoint; pass resume=true to continue "
+                          "it or choose another run_dir (nothing is overwritten)")
+    if info.is_main:
+        _write_run_info(cfg, argv or [])
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    players = build_players(cfg.model)
+    prior = build_prior(cfg.prior, players.decoder)
+    game = build_game(cfg.game, players, prior)
+    engines = build_engines(game.modules, cfg, info)
+    for name, module in players.items():
+        log.info("%s: %s parameters", name, f"{sum(p.numel() for p in module.parameters()):,}")
+    micro = cfg.micro_batch_size(info.world_size)
+    log.info("global batch %d = micro %d x accumulation %d x world %d", cfg.train.batch_size, micro,
+             cfg.train.grad_accumulation, info.world_size)
+    stream = build_train_stream(cfg.data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                batch_size=micro)
+    eval_images = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split,
+                                               batch_size=cfg.monitor.num_grid)))["image"]
+    trainer = Trainer(cfg, info, players=players, game=game, engines=engines, prior=prior, stream=stream,
+                      eval_images=eval_images, monitor=Monitor(Path(cfg.run_dir), enabled=info.is_main),
+                      faults=FaultPlan.parse(os.environ.get(FAULT_ENV, "")))
+    if cfg.resume:
+        try:
+            rank_state, meta = checkpoint.load(cfg.run_dir, engines, info)
+            check_resume_config(cfg, meta["config"])
+        except Exception:
+            trainer.close()
+            raise
+        trainer.load_rank_state(rank_state)
+        log.info("resumed at step %d", trainer.state.step)
+    return trainer
+
+
+def train(cfg: RunConfig, argv: list[str] | None = None) -> dict[str, float]:
+    """Train (or resume) one run in this process; collective with the other ranks. Returns the last logged
+    scalars (rank-averaged)."""
+    info = dist.init(timeout_s=cfg.fault.collective_timeout_s)
+    setup_logging(info.rank)
+    trainer = build_trainer(cfg, info, argv)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+# ---------------------------------------------------------------- sample
+@dataclass(frozen=True)
+class SampleRequest:
+    run_dir: Path
+    mode: str = "random"
+    """random (z ~ prior, decode) or limiting (the chain x -> z ~ q -> x ~ p)."""
+    steps: int = 1000
+    """Limiting-chain steps."""
+    num: int = 64
+    out: Path = Path("grid.png")
+    seed: int = 0
+
+
+def sample(req: SampleRequest) -> Path:
+    """Random-code or limiting-chain samples from a run's latest checkpoint, as a PNG grid."""
+    model = load_trained(req.run_dir)
+    cfg, cpu = model.cfg, model.device
+    gen = make_generators(req.seed, 0, cpu)["grid"]
+    if req.mode == "random":
+        images = sampling.random_code(model.decoder, model.prior, req.num, gen, cpu)
+    else:
+        from tqdm import tqdm
+        x = sampling.init_chain(cfg.sampling.chain_init, decoder=model.decoder, prior=model.prior, num=req.num,
+                                generator=gen, device=cpu, image_shape=cfg.model.image_shape,
+                                data=_eval_images(cfg, req.num))
+        with tqdm(total=req.steps, desc="limiting chain", unit="step") as bar:
+            x = sampling.run_chain(model.encoder, model.decoder, x, req.steps, gen, on_step=lambda _: bar.update(1))
+        images = sampling.chain_output(model.encoder, model.decoder, x, gen)
+    save_png(make_grid(images), req.out)
+    return req.out
+
+
+def _eval_images(cfg: RunConfig, num: int) -> torch.Tensor | None:
+    if cfg.sampling.chain_init != "data":
+        return None
+    batch = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=num)))
+    return to_float(batch["image"], cfg.data)
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate(opts: Any) -> dict[str, Any]:
+    """`symeq eval`: the report of a run's latest checkpoint (`symeq_dist.eval.run.EvalOptions` in)."""
+    from symeq_dist.eval.run import evaluate as evaluate_run  # matplotlib and feature nets: only when asked
+
+    return evaluate_run(opts)

@@ -1,0 +1,55 @@
+"""`symeq eval` and `symeq compare`: argument parsing and printing only (the work is `symeq_dist.eval`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_eval_parsers(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="evaluate a run (FD/FID, consistency, MI, probe, t-SNE) -> <run_dir>/eval/",
+                        description="symeq eval RUN_DIR [options]   |   symeq eval train-features SHARDS_DIR")
+    ev.add_argument("run_dir", type=Path, help="a run directory, or the word train-features")
+    ev.add_argument("shards", type=Path, nargs="?", help="with train-features: the shards to train the classifier on")
+    ev.add_argument("--n", type=int, default=10_000, help="samples per generated set (default 10000)")
+    ev.add_argument("--chain-steps", type=int, default=1000, help="limiting-chain steps (default 1000)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=500, help="images generated and embedded at once")
+    ev.add_argument("--features", type=Path, default=None,
+                    help="classifier checkpoint (default <shards>/classifier.pt); train-features: where to write it")
+    ev.add_argument("--inception-weights", type=Path, default=None,
+                    help="local pt_inception-2015-12-05-6726825d.pth for FID (never downloaded)")
+    ev.add_argument("--tsne-points", type=int, default=2000, help="codes per set in the t-SNE figure")
+    ev.add_argument("--epochs", type=int, default=5, help="train-features: classifier epochs")
+    cmp = sub.add_parser("compare", help="put evaluated runs side by side (markdown table + plot)")
+    cmp.add_argument("run_dirs", type=Path, nargs="+")
+    cmp.add_argument("--out", type=Path, default=None, help="also write the table (.md) and a plot (.png) here")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from symeq_dist import api
+    from symeq_dist.config import ConfigError
+    from symeq_dist.eval.features.classifier import train_classifier
+    from symeq_dist.eval.run import EvalOptions
+
+    if str(args.run_dir) == "train-features":
+        if args.shards is None:
+            raise ConfigError("usage: symeq eval train-features SHARDS_DIR [--features OUT] [--epochs N]")
+        info = train_classifier(args.shards, args.features or args.shards / "classifier.pt", epochs=args.epochs,
+                                seed=args.seed)
+        print(f"wrote {info['path']} ({info['name']}, valid accuracy {info['valid_accuracy']:.4f})")
+        return
+    results = api.evaluate(EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=args.chain_steps, seed=args.seed,
+                                   batch_size=args.batch_size, features=args.features,
+                                   inception_weights=args.inception_weights, tsne_points=args.tsne_points))
+    print((args.run_dir / "eval" / "report.md").read_text())
+    print(f"wrote {args.run_dir / 'eval'} (report.md, report.json, figures); step {results['step']}")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from symeq_dist.eval.compare import compare_runs
+
+    out_md = args.out.with_suffix(".md") if args.out else None
+    out_png = args.out.with_suffix(".png") if args.out else None
+    print(compare_runs(args.run_dirs, out_md, out_png))

@@ -1,0 +1,41 @@
+"""Where the training data comes from and how it is turned into x (the stream is `symeq_dist.data`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from symeq_dist.config.base import check
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    shards: str = "data_shards/mnist"
+    """Directory with `manifest.json` and the tar shards (written by `symeq shards mnist`)."""
+    split: str = "train"
+    """Split used for training."""
+    eval_split: str = "valid"
+    """Held-out split used for the data and reconstruction grids."""
+    binarize_threshold: int | None = 112
+    """Pixels with uint8 value >= threshold become 1 (112 == x > 0.4375); null keeps grey values / 255."""
+    noise: Literal["flip", "gaussian", "none"] = "flip"
+    """Training noise, fresh each iteration: pixel flips (binary data) or additive Gaussian."""
+    noise_level: float = 0.001
+    """Flip probability (flip) or standard deviation (gaussian)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    shuffle_buffer: int = 1000
+    """Window of the epoch order within which samples are shuffled (after the shard/block permutation)."""
+    bad_samples: Literal["fail", "skip"] = "fail"
+    """A corrupt or missing sample: fail (error naming shard and key) or skip (dropped, counted in data/skipped)."""
+
+    def __post_init__(self) -> None:
+        if self.binarize_threshold is not None:
+            check(0 < self.binarize_threshold <= 255, "data.binarize_threshold", "must be in 1..255 or null")
+        check(self.noise_level >= 0, "data.noise_level", "must be >= 0")
+        if self.noise == "flip":
+            check(self.noise_level <= 0.5, "data.noise_level", "a flip probability must be <= 0.5")
+            check(self.binarize_threshold is not None, "data.noise",
+                   "flip noise needs binary data: set data.binarize_threshold or use data.noise=gaussian")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")

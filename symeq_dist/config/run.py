@@ -1,0 +1,61 @@
+"""The whole run: one frozen tree of the per-concern sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from symeq_dist.config.base import ConfigError, check
+from symeq_dist.config.data import DataConfig
+from symeq_dist.config.engines import EnginesConfig
+from symeq_dist.config.game import GameConfig
+from symeq_dist.config.models import MLPVAEConfig, ModelConfig, Reference28Config
+from symeq_dist.config.prior import PriorConfig
+from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Everything of the run lives here: config.yaml, tb/, checkpoints/, samples/."""
+    seed: int = 0
+    """The one seed; rank, worker and purpose streams derive from it."""
+    resume: bool = False
+    """Continue from <run_dir>/checkpoints/latest (error if there is none)."""
+    model: ModelConfig = field(default_factory=MLPVAEConfig)
+    """The players' networks; `model.kind` picks the family and with it the valid keys."""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    game: GameConfig = field(default_factory=GameConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Reference28Config):
+            check(self.data.binarize_threshold is not None or self.model.x_dist == "gaussian", "model.x_dist",
+                  "grey-valued data (data.binarize_threshold=null) needs model.x_dist=gaussian")
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Per-rank micro batch; raises if the global batch does not split evenly."""
+        denom = world_size * self.train.grad_accumulation
+        if self.train.batch_size % denom:
+            raise ConfigError(f"train.batch_size: {self.train.batch_size} is not divisible by world size "
+                              f"{world_size} x train.grad_accumulation {self.train.grad_accumulation}; "
+                              f"choose a multiple of {denom}")
+        return self.train.batch_size // denom
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,194 @@
+"""The dataset's own classifier as the feature network of FD-clf (METHOD.md §13.2): trained here on the shards'
+training split, its penultimate layer embeds images; its file's sha256 names the distance.
+
+Must not import models, runtime or train.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from symeq_dist.config import DataConfig
+from symeq_dist.data import build_eval_batches, load_manifest, to_float
+from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, save_atomic, sha256
+from symeq_dist.eval.probe import single_thread
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_KEYS = ("state_dict", "image_shape", "num_classes", "feature_dim", "valid_accuracy", "epochs",
+                   "seed", "dataset")
+TRAIN_FEATURES_HINT = "train it with `symeq eval train-features <shards>`"
+
+
+class _ConvClassifier(nn.Module):
+    """Two conv-BN-ReLU-pool blocks and a `feature_dim` hidden layer; `body` ends in the feature layer.
+
+    Small on purpose (~0.2M parameters for MNIST): 5 epochs on MNIST-5k take seconds on two CPU cores.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, feature_dim: int) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        if height < 4 or width < 4:
+            raise ValueError(f"the classifier needs images of at least 4 x 4 pixels, got {image_shape}")
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, H/2, W/2)
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/4, W/4)
+            nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), feature_dim), nn.ReLU(),  # (B, feature_dim)
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))  # (B, num_classes) logits
+
+
+class ClassifierFeatures(FeatureExtractor):
+    """The penultimate layer (after its ReLU) of a classifier trained with `train_classifier`."""
+
+    def __init__(self, net: _ConvClassifier, meta: dict[str, Any], sha256: str) -> None:
+        super().__init__()
+        self.net, self.sha256 = net, sha256
+        self.image_shape = tuple(meta["image_shape"])
+        self.dim = int(meta["feature_dim"])
+        self.name = f"FD-clf-{sha256[:8]}"
+        self.valid_accuracy = float(meta["valid_accuracy"])
+        self.dataset, self.epochs, self.seed = str(meta["dataset"]), int(meta["epochs"]), int(meta["seed"])
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.body(self._check(images))  # (B, dim)
+
+    def classify(self, images: Tensor) -> Tensor:
+        """Class logits (B, num_classes) of the same images."""
+        return self.net(self._check(images))
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kind": "classifier", "valid_accuracy": self.valid_accuracy, "dataset": self.dataset,
+                "epochs": self.epochs, "seed": self.seed}
+
+    def _check(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"{self.name} embeds images of shape (B, {', '.join(map(str, self.image_shape))}) "
+                             f"in [0, 1], got {tuple(images.shape)}: pass images of the classifier's dataset")
+        return images.to(torch.float32)
+
+
+def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: int = 5, seed: int = 0,
+                     batch_size: int = 128, feature_dim: int = 128, progress: bool = True) -> dict:
+    """Train the FD-clf classifier on the shards' "train" split; save its checkpoint atomically to `out_path`.
+
+    Images are grey values / 255, never binarised, so data and model samples (binary or mean images) are both
+    in its input range. Deterministic under `seed` on CPU: same seed, same bytes, same sha256 (it trains on
+    one thread, so the core count does not change the result).
+
+    Returns:
+        {"path", "sha256", "name", "valid_accuracy", "epochs", "seed", "num_train", "num_valid", "seconds"}.
+
+    Raises:
+        FileNotFoundError: no manifest in `shards_dir` (write the shards first).
+        ValueError: the shards lack a "train" or "valid" split, or bad epochs/batch_size/feature_dim.
+    """
+    if epochs < 1 or batch_size < 1 or feature_dim < 1:
+        raise ValueError(f"epochs={epochs}, batch_size={batch_size}, feature_dim={feature_dim}: all must be >= 1")
+    start = time.perf_counter()
+    manifest = load_manifest(shards_dir)
+    image_shape, num_classes = tuple(manifest["image_shape"]), int(manifest["num_classes"])
+    x_train, y_train = _read_split(shards_dir, manifest, "train")
+    x_valid, y_valid = _read_split(shards_dir, manifest, "valid")
+    with single_thread(), torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+        torch.manual_seed(seed)
+        net = _ConvClassifier(image_shape, num_classes, feature_dim)
+        _fit(net, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
+        accuracy = _accuracy(net, x_valid, y_valid)
+    checkpoint = {"state_dict": net.state_dict(), "image_shape": list(image_shape), "num_classes": num_classes,
+                  "feature_dim": feature_dim, "valid_accuracy": accuracy, "epochs": epochs, "seed": seed,
+                  "dataset": str(manifest["dataset"])}
+    out_path = Path(out_path)
+    save_atomic(checkpoint, out_path)
+    sha = sha256(out_path)
+    seconds = time.perf_counter() - start
+    log.info("classifier %s: valid accuracy %.4f after %d epochs (%.1f s) -> %s", sha[:8], accuracy, epochs,
+             seconds, out_path)
+    return {"path": str(out_path), "sha256": sha, "name": f"FD-clf-{sha[:8]}", "valid_accuracy": accuracy,
+            "epochs": epochs, "seed": seed, "num_train": len(y_train), "num_valid": len(y_valid),
+            "seconds": seconds}
+
+
+def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) -> tuple[Tensor, Tensor]:
+    """A whole split in memory, in shard order: images float (N, C, H, W) in [0, 1], labels int64 (N,)."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"the shards in {shards_dir} have no {split!r} split (they have "
+                         f"{sorted(manifest['splits'])}); the classifier trains on 'train' and reports "
+                         "accuracy on 'valid': rewrite the shards with `symeq shards ...`")
+    label = manifest.get("label", {"kind": "class"})
+    if label is None or label.get("kind") != "class":
+        raise ValueError(f"the shards in {shards_dir} have no class labels (label: {label}); the FD-clf "
+                         "classifier needs them: train it on labelled shards, or use FID (--inception-weights)")
+    cfg = DataConfig(shards=str(shards_dir), binarize_threshold=None, noise="none")
+    images, labels = [], []
+    for batch in build_eval_batches(cfg, split=split, batch_size=1024):
+        images.append(to_float(batch["image"], cfg))
+        labels.append(batch["label"].to(torch.int64))
+    if not labels:
+        raise ValueError(f"the {split!r} split of {shards_dir} is empty; rewrite the shards")
+    return torch.cat(images), torch.cat(labels)
+
+
+def _fit(net: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, seed: int,
+         progress: bool) -> None:
+    """Adam (lr 2e-3) on cross-entropy; batches drawn by a permutation per epoch from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    steps = (len(y) + batch_size - 1) // batch_size
+    net.train()
+    with tqdm(total=epochs * steps, desc="classifier", unit="step", disable=not progress) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=generator)
+            for index in order.split(batch_size):
+                loss = F.cross_entropy(net(x[index]), y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    net.eval()
+
+
+@torch.no_grad()
+def _accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    batches = zip(x.split(batch_size), y.split(batch_size), strict=True)
+    return sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in batches) / len(y)
+
+
+def load_classifier_features(path: str | Path) -> ClassifierFeatures:
+    """The penultimate-layer features of a `train_classifier` checkpoint, frozen, in eval mode.
+
+    Raises:
+        FileNotFoundError: no such file; the message names `symeq eval train-features <shards>`.
+        ValueError: the file is not a classifier checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier checkpoint at {path}: {TRAIN_FEATURES_HINT} "
+                                "(it writes <shards>/classifier.pt), or pass --features PATH")
+    checkpoint = load_file(path, what="a classifier checkpoint", fix=TRAIN_FEATURES_HINT)
+    missing = [key for key in CLASSIFIER_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a classifier checkpoint (it lacks {missing}); {TRAIN_FEATURES_HINT}")
+    try:
+        net = _ConvClassifier(tuple(checkpoint["image_shape"]), int(checkpoint["num_classes"]),
+                              int(checkpoint["feature_dim"]))
+        net.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} does not fit the classifier architecture ({err}); {TRAIN_FEATURES_HINT}") \
+            from None
+    features = ClassifierFeatures(net, checkpoint, sha256(path))
+    features.path = str(path)
+    return freeze(features)

@@ -1,0 +1,50 @@
+"""A trained run as plain modules: its config, the latest checkpoint's weights, its prior. One process.
+
+Used by `symeq eval` and `symeq sample` (through `symeq_dist.api`). Must not import `train`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from symeq_dist.config import RunConfig, config_from_dict
+from symeq_dist.models import Players, build_players
+from symeq_dist.priors import Prior, build_prior
+from symeq_dist.runtime import checkpoint
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    cfg: RunConfig
+    step: int
+    players: Players
+    prior: Prior
+    device: torch.device
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.players.encoder
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.players.decoder
+
+
+def load_trained(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
+    """Players with the latest checkpoint's weights, in eval mode, on `device` (default CPU).
+
+    Raises:
+        CheckpointError: the run has no checkpoint, or its files do not load.
+    """
+    device = device or torch.device("cpu")
+    meta = checkpoint.load_meta(run_dir)
+    cfg = config_from_dict(meta["config"])
+    players = build_players(cfg.model)
+    step = checkpoint.load_weights(run_dir, players.encoder, players.decoder)
+    for _, module in players.items():
+        module.to(device).eval()
+    return TrainedModel(cfg=cfg, step=step, players=players, prior=build_prior(cfg.prior, players.decoder),
+                        device=device)

@@ -1,0 +1,144 @@
+"""report.json / report.md of one evaluated run (METHOD §13). Rendering only: the numbers come from `run.py`.
+
+Must not import tensorboard or deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FD_SETS = ("random_code", "limiting_chain", "reconstruction")
+ACTIVE_MI = 0.01  # nats: a latent dimension with MI below this is inactive (collapsed), METHOD §13.3
+COMPARABILITY = "FD numbers are comparable only at equal feature network, reference set and n (METHOD §13.2)"
+
+
+def num(value: Any, digits: int = 4) -> str:
+    """A table cell: floats with `digits` decimals, ints as they are, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, int | np.integer):
+        return str(value)
+    value = float(value)
+    return str(value) if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars/arrays and paths, which evaluation code may leave in the results, as plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"report results must be JSON-serialisable; convert {type(value).__name__} to float/int/str")
+
+
+def _md_header(results: dict[str, Any]) -> list[str]:
+    lines = [f"# symeq evaluation: {Path(str(results.get('run_dir', '?'))).name}", "",
+             f"- run_dir: `{results.get('run_dir')}`", f"- checkpoint step: {results.get('step')}",
+             f"- seed: {results.get('seed')}", f"- n (samples per set): {results.get('n')}",
+             f"- limiting-chain steps: {results.get('chain_steps', 'n/a')}"]
+    lines += [f"- {key}: {results[key]}" for key in ("game", "model") if key in results]
+    reference = results.get("reference")
+    if isinstance(reference, dict):
+        lines.append(f"- reference set: split `{reference.get('split')}`, n = {reference.get('n')}"
+                     + (f" ({reference['note']})" if reference.get("note") else ""))
+    return [*lines, ""]
+
+
+def _md_fd(results: dict[str, Any]) -> list[str]:
+    fd: dict[str, dict[str, float]] = results.get("fd", {})
+    gap: dict[str, float] = results.get("consistency_gap", {})
+    networks = list(fd)
+    lines = ["## Fréchet distances", "", f"Each set against the reference features; {COMPARABILITY}.", ""]
+    if networks:
+        rows = [[name, *(num(fd[net].get(name)) for net in networks)] for name in FD_SETS]
+        rows.append(["**consistency gap** (limiting − random)", *(num(gap.get(net)) for net in networks)])
+        lines += [*table(["set", *networks], rows), ""]
+    else:
+        lines += ["No Fréchet distances were computed.", ""]
+    info: dict[str, dict[str, Any]] = results.get("fd_networks", {})
+    if info:
+        rows = [[net, str(meta.get("kind", "n/a")), f"`{str(meta.get('sha256') or 'n/a')[:16]}`",
+                 num(meta.get("valid_accuracy"))] for net, meta in info.items()]
+        lines += [*table(["network", "kind", "sha256 (first 16)", "valid accuracy"], rows), ""]
+    if results.get("fid_skipped"):
+        lines += [f"> FID skipped: {results['fid_skipped']}", ""]
+    return lines
+
+
+def _md_mi(results: dict[str, Any]) -> list[str]:
+    mi: dict[str, dict[str, dict[str, Any]]] = results.get("mi", {})
+    rows = [[player, factor, num(row.get("mean")), str(row.get("active", "n/a")), str(row.get("dims", "n/a"))]
+            for player, factors in mi.items() for factor, row in factors.items()]
+    if not rows:
+        return []
+    return ["## Latent mutual information (nats)", "",
+            *table(["player", "factor", "mean MI", f"active (MI ≥ {ACTIVE_MI})", "dims"], rows), ""]
+
+
+def _md_scalars(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    recon = results.get("reconstruction_error")
+    if recon:
+        lines += ["## Reconstruction error", "", f"{recon.get('metric', 'error')}: {num(recon.get('value'))}", ""]
+    probe = results.get("probe")
+    if probe:
+        lines += ["## Linear probe", "",
+                  f"Test accuracy {num(probe.get('accuracy'))} of a logistic regression on `{probe.get('latent')}` "
+                  f"codes ({probe.get('num_train')} train / {probe.get('num_test')} test).", ""]
+    figures: dict[str, str] = results.get("figures", {})
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"- [{name}]({path})\n\n  ![{name}]({path})" for name, path in figures.items()] + [""]
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The readable report.md text of one evaluation (layout: see `write_report`)."""
+    lines = _md_header(results) + _md_fd(results) + _md_mi(results) + _md_scalars(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(out_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """Write out_dir/report.json (sorted, indented; atomic) and the readable out_dir/report.md.
+
+    Expected `results` layout (extra keys, such as "game", "model" or "reference", are kept and shown)::
+
+        {"run_dir": str, "step": int, "seed": int, "n": int, "chain_steps": int,
+         "fd": {network_name: {"random_code": float, "limiting_chain": float, "reconstruction": float}},
+         "fd_networks": {network_name: {"kind": "classifier"|"inception", "sha256": str,
+                                        "valid_accuracy": float|None}},
+         "fid_skipped": str | None,
+         "consistency_gap": {network_name: float},                    # limiting_chain - random_code
+         "mi": {"encoder": {factor: {"mean": float, "active": int, "dims": int}}, "decoder": {...}},
+         "reconstruction_error": {"metric": str, "value": float},
+         "probe": {"accuracy": float, "latent": str, "num_train": int, "num_test": int},
+         "figures": {name: png_path_relative_to_out_dir}}
+
+    Returns:
+        (path of report.json, path of report.md).
+    """
+    text = json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n"  # fails before any write
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    write_atomic(json_path, text)
+    write_atomic(md_path, render_markdown(results))
+    return json_path, md_path

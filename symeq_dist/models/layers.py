@@ -1,0 +1,132 @@
+"""Layers shared by the families: the op-dispatching base module, MLPs and the p(x|z) head.
+
+Every parameter lives in a leaf submodule that is used only through its own `__call__`, and no module
+returns a parameter tensor itself, so ZeRO-3's per-module gather hooks always see full parameters.
+Pure torch: must not import `dist`, `engines`, deepspeed or any I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
+
+
+class PackedDistribution(dict):
+    """A Distribution's tensors as a dict, so ZeRO-3 sees (and hooks) every tensor a forward returns."""
+
+    kind: type[Distribution]
+
+
+def pack(value: Any) -> Any:
+    """Replace Distribution objects in nested dicts/tuples/lists by PackedDistribution dicts."""
+    if isinstance(value, Distribution):
+        packed = PackedDistribution(vars(value))
+        packed.kind = type(value)
+        return packed
+    if isinstance(value, dict):
+        return {k: pack(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(pack(v) for v in value)
+    return value
+
+
+def unpack(value: Any) -> Any:
+    """Inverse of `pack` (on the hooked tensors ZeRO-3 hands back)."""
+    if isinstance(value, PackedDistribution):
+        dist = value.kind.__new__(value.kind)
+        dist.__dict__.update(value)
+        return dist
+    if isinstance(value, dict):
+        return {k: unpack(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(unpack(v) for v in value)
+    return value
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in nested dicts/tuples/lists converted to `dtype` (no copy when already there)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+class OpModule(nn.Module):
+    """Base of the player modules: `forward(op, *args, **kwargs)` dispatches to the private `_<op>`.
+
+    Public operations are thin wrappers around `self.call(op, ...)`, so each one enters through
+    `nn.Module.__call__` and DeepSpeed ZeRO-3's forward hooks gather the parameters first. `forward`
+    returns Distribution objects packed as dicts of tensors: ZeRO-3 attaches its backward hooks to the
+    tensors a module returns and cannot see inside other objects (it fails in backward otherwise).
+    """
+
+    OPS: ClassVar[tuple[str, ...]] = ()
+
+    def forward(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if op not in self.OPS:
+            raise ValueError(f"{type(self).__name__}: unknown op {op!r}; valid ops: {', '.join(self.OPS)}")
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:  # bf16 engines: inputs follow the weights (fp32 inputs pass untouched)
+            args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        return pack(getattr(self, f"_{op}")(*args, **kwargs))
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `op` through `__call__` (hooks fire) and hand back real Distribution objects."""
+        return unpack(self(op, *args, **kwargs))
+
+
+def draw(dist: Distribution, generator: torch.Generator | None, reparam: bool) -> Tensor:
+    """A reparametrised/ZGR sample when `reparam`, else a detached sample."""
+    return dist.rsample(generator) if reparam else dist.sample(generator)
+
+
+def mlp(sizes: Sequence[int], activation: type[nn.Module], *, final_activation: bool) -> nn.Sequential:
+    """Linear layers sizes[0] -> ... -> sizes[-1], `activation` between them (and after the last if asked)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(n_in, n_out))
+        if final_activation or i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+class SkipMLP(nn.Module):
+    """mlp(sizes)(v) + a bias-free Linear(sizes[0] -> sizes[-1])(v): g_theta and the reverse q(z0|z1) net."""
+
+    def __init__(self, sizes: Sequence[int], activation: type[nn.Module] = nn.Tanh) -> None:
+        super().__init__()
+        self.main = mlp(sizes, activation, final_activation=False)
+        self.skip = nn.Linear(sizes[0], sizes[-1], bias=False)
+
+    def forward(self, v: Tensor) -> Tensor:  # (B, sizes[0]) -> (B, sizes[-1])
+        return self.main(v) + self.skip(v)
+
+
+class XHead(nn.Module):
+    """Turns the image net's output into p(x|z): Bernoulli logits, or a Gaussian mean with learned log sigma.
+
+    Gaussian: `sigma_shape` () is one global log sigma, the image shape one per pixel; init 0 (sigma = 1).
+    The parameter is cloned inside this forward (never returned itself) for ZeRO-3.
+    """
+
+    def __init__(self, family: str, sigma_shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        if family not in ("bernoulli", "gaussian"):
+            raise ValueError(f"x_dist must be 'bernoulli' or 'gaussian', got {family!r}")
+        self.family = family
+        self.log_sigma = nn.Parameter(torch.zeros(sigma_shape)) if family == "gaussian" else None
+
+    def forward(self, out: Tensor) -> PackedDistribution:  # out (B, C, H, W): logits or mu
+        """Returns the distribution packed (see `pack`); callers `unpack` it."""
+        if self.log_sigma is None:
+            return pack(Bernoulli(out))
+        return pack(Gaussian(out, self.log_sigma.clone()))

@@ -1,0 +1,41 @@
+"""Closed-form priors: pi(z) in a form that can also give its density (the ELBO baseline needs it).
+
+Pure torch: must not import `runtime`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
+
+
+class UniformBits:
+    """pi(z) = prod Bern(1/2): the prior of every reference model."""
+
+    family = "bernoulli"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, 2, (n, *self.shape), generator=generator, device=device).float()
+
+    def distribution(self, n: int, device: torch.device) -> Distribution:
+        return Bernoulli(torch.zeros(n, *self.shape, device=device))
+
+
+class StandardGaussian:
+    """pi(z) = N(0, I)."""
+
+    family = "gaussian"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randn((n, *self.shape), generator=generator, device=device)
+
+    def distribution(self, n: int, device: torch.device) -> Distribution:
+        zeros = torch.zeros(n, *self.shape, device=device)
+        return Gaussian(zeros, zeros)

@@ -1,0 +1,310 @@
+"""Checkpoints: both engines, every rank's train state, and an atomic `latest` pointer.
+
+Layout (STYLE.md §3.3):
+
+    <run_dir>/checkpoints/step_00000500/encoder/...      engine.save_checkpoint(step_dir, tag="encoder"), all ranks
+    <run_dir>/checkpoints/step_00000500/decoder/...      (ELBO: a single "joint" engine)
+    <run_dir>/checkpoints/step_00000500/rank_00000.pt    TrainState, RNG states, stream position, chain, MI EMAs
+    <run_dir>/checkpoints/step_00000500/meta.json        step, world size, engine names, config (rank 0, last)
+    <run_dir>/checkpoints/step_00000500/universal/<engine>/   DeepSpeed universal form, made on the first resume
+                                                               on another number of ranks (ZeRO 1-3 engines only)
+    <run_dir>/checkpoints/latest                         "step_00000500", replaced by atomic rename after a barrier
+
+A checkpoint is complete or invisible: `latest` only ever names a directory whose every file was
+written. The last `keep_last` complete checkpoints are kept. `load` resumes on the same or on another
+number of ranks (docs/resume.md). Must not import game.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch import nn
+
+from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
+from symeq_dist.runtime.engines import Engines
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or does not fit this run; the message names the fix."""
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return ckpt_root(run_dir) / f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def latest_dir(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    pointer = ckpt_root(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    target = ckpt_root(run_dir) / pointer.read_text().strip()
+    if not (target / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names {target}, which is incomplete; delete {pointer} to start "
+                              "over or point it at an older step_* directory")
+    return target
+
+
+def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str, Any], *,
+         meta: dict[str, Any], info: DistInfo, keep_last: int) -> Path:
+    """Collective: every rank must call it. Returns the new checkpoint directory."""
+    target = step_dir(run_dir, step)
+    if info.is_main and target.exists():  # a partial directory left by a killed run, never `latest`
+        shutil.rmtree(target)
+    barrier(info)
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(target), tag=name, client_state={"step": step}, save_latest=False)
+    target.mkdir(parents=True, exist_ok=True)
+    buffer_path = target / f"rank_{info.rank:05d}.pt"
+    torch.save(rank_state, buffer_path.with_suffix(".tmp"))
+    os.replace(buffer_path.with_suffix(".tmp"), buffer_path)
+    barrier(info)
+    if info.is_main:
+        full_meta = {**meta, "step": step, "world_size": info.world_size,
+                     "engines": [name for name, _ in engines.items()],
+                     "zero_stages": {name: int(e.zero_optimization_stage()) for name, e in engines.items()}}
+        _atomic_write(target / "meta.json", json.dumps(full_meta, indent=1).encode())
+        _atomic_write(ckpt_root(run_dir) / "latest", target.name.encode())
+        _prune(run_dir, keep_last)
+    barrier(info)
+    log.info("checkpoint %s written", target)
+    return target
+
+
+def _prune(run_dir: str | Path, keep_last: int) -> None:
+    done = sorted(p for p in ckpt_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(run_dir: str | Path, engines: Engines, info: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Collective: restore both engines (weights and optimiser states); return (this rank's state, meta).
+
+    On the number of ranks that wrote the checkpoint, every engine loads DeepSpeed's own files and the
+    rank state is this rank's `rank_XXXXX.pt` as written (a bitwise resume).
+
+    On another number of ranks (meta["world_size"] != info.world_size) nothing is reset:
+      - engines whose directory holds ZeRO partitions (`*optim_states.pt`: stages 1-3, any precision) are
+        converted once by rank 0 into DeepSpeed's universal checkpoint (one fp32 weight, exp_avg,
+        exp_avg_sq and step per parameter, under `<step>/universal/<engine>/`) and loaded from it,
+        partitioned for this world size; ZeRO-0 engines keep the full optimiser state in
+        `mp_rank_00_model_states.pt` and load it as is.
+      - the rank state is rebuilt from all old `rank_XXXXX.pt` files, in the format `Trainer.rank_state`
+        writes: "train", "stream" and "mi" from old rank 0 (the stream continues the epoch order on the
+        new layout itself); "chain" = the old ranks' chains concatenated in rank order (old rank 0's rows
+        first), of which new rank r takes rows [r*n, (r+1)*n) with n = max(1, num_chains // world_size),
+        wrapping around when there are fewer rows; "gens" and "torch_rng" are None (the trainer re-derives
+        the per-rank generators from (seed, rank, step)).
+    meta is returned as written (its "world_size" is the old one).
+
+    Raises:
+        CheckpointError: no checkpoint, other engines than this run builds, or a missing or unreadable
+            file (rank state, DeepSpeed shard); the message names the file and the fix.
+    """
+    target = latest_dir(run_dir)
+    if target is None:
+        raise CheckpointError(f"resume=true but {ckpt_root(run_dir)} holds no checkpoint; "
+                              "drop resume=true to start a new run")
+    meta = json.loads((target / "meta.json").read_text())
+    names = [name for name, _ in engines.items()]
+    if meta["engines"] != names:
+        raise CheckpointError(f"{target} holds engines {meta['engines']}, this run builds {names}; "
+                              "game.kind must match the run being resumed")
+    _check_stages(target, meta, engines)
+    old_world = int(meta["world_size"])
+    if old_world == info.world_size:
+        for name, engine in engines.items():
+            _load_engine(engine, target, name, target)
+        return _read_rank_state(target, info.rank, old_world), meta
+    old_states = [_read_rank_state(target, rank, old_world) for rank in range(old_world)]
+    rank_state = reshard_rank_states(old_states, rank=info.rank, world_size=info.world_size,
+                                     num_chains=int(meta["config"]["sampling"]["num_chains"]))
+    how = _load_resharded(target, engines, info, old_world)
+    log.info("resumed %s (written by %d ranks) on %d ranks: re-sharded %s; chains redistributed "
+             "(%d rows per rank); per-rank RNG streams re-derived", target, old_world, info.world_size,
+             ", ".join(f"{name} by {way}" for name, way in how.items()), rank_state["chain"].shape[0])
+    return rank_state, meta
+
+
+def _load_engine(engine: Any, folder: Path, name: str, target: Path) -> None:
+    """engine.load_checkpoint(folder, tag=name) with its optimiser state; `target` is the step directory."""
+    path, _ = engine.load_checkpoint(str(folder), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no '{name}' engine checkpoint in {folder}; point "
+                              f"{target.parent / 'latest'} at an older complete step_* directory")
+
+
+def _check_stages(target: Path, meta: dict[str, Any], engines: Engines) -> None:
+    # Another stage would find no (or other) optimiser partitions and DeepSpeed would silently restart Adam.
+    saved = meta.get("zero_stages", {})
+    for name, engine in engines.items():
+        stage = int(engine.zero_optimization_stage())
+        if name in saved and int(saved[name]) != stage:
+            raise CheckpointError(f"{target} holds the {name} engine at ZeRO stage {saved[name]}, this run builds "
+                                  f"stage {stage}; resume with stage {saved[name]} (engines.{name}.zero_stage or "
+                                  "ds_config.json), the optimizer state would be lost otherwise")
+
+
+def _read_rank_state(target: Path, rank: int, old_world: int) -> dict[str, Any]:
+    path = target / f"rank_{rank:05d}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # missing, truncated or not a torch file: all mean the same fix
+        raise CheckpointError(
+            f"cannot read {path} ({type(err).__name__}: {err}); the checkpoint was written by {old_world} "
+            f"ranks and needs all their rank_*.pt files: restore it, or point {target.parent}/latest at an "
+            "older complete step_* directory") from err
+
+
+def reshard_rank_states(old: list[dict[str, Any]], *, rank: int, world_size: int,
+                        num_chains: int) -> dict[str, Any]:
+    """New rank `rank`'s state (of `world_size`) from all old ranks' states (format: see `load`)."""
+    steps = {state["train"]["step"] for state in old}
+    if len(steps) != 1:
+        raise CheckpointError(f"the old ranks' states disagree on the step ({sorted(steps)}); the checkpoint "
+                              "is inconsistent: point checkpoints/latest at an older complete step_* directory")
+    chains = torch.cat([state["chain"] for state in old])  # (sum of old rows, C, H, W), old rank order
+    num = max(1, num_chains // world_size)
+    rows = torch.arange(rank * num, (rank + 1) * num) % chains.shape[0]
+    first = old[0]
+    return {"train": first["train"], "stream": first["stream"], "chain": chains[rows].clone(),
+            "mi": first["mi"], "gens": None, "torch_rng": None}
+
+
+def _load_resharded(target: Path, engines: Engines, info: DistInfo, old_world: int) -> dict[str, str]:
+    """Load every engine written by `old_world` ranks; returns how each one was re-sharded."""
+    partitioned = [name for name, _ in engines.items() if _shard_ranks(target / name)]
+    error = None
+    if info.is_main:
+        try:
+            for name in partitioned:
+                _to_universal(target, name, old_world)
+        except Exception as err:  # agreed below: the other ranks must not wait at a barrier forever
+            error = err if isinstance(err, CheckpointError) else CheckpointError(
+                f"converting {target / name} to a universal checkpoint failed ({type(err).__name__}: {err}); "
+                f"resume with {old_world} ranks, or point {target.parent}/latest at an older step_* directory")
+    error = broadcast_object(error, info)  # also the barrier: the universal files exist past this line
+    if error is not None:
+        raise error
+    how = {}
+    for name, engine in engines.items():
+        if name in partitioned:
+            _load_universal(engine, target, name)
+            how[name] = f"universal checkpoint (ZeRO-{engine.zero_optimization_stage()})"
+        else:  # ZeRO-0: the whole optimiser state is in mp_rank_00_model_states.pt, not partitioned
+            _load_engine(engine, target, name, target)
+            how[name] = "full optimizer state (ZeRO-0)"
+    return how
+
+
+_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def _shard_ranks(engine_dir: Path) -> set[int]:
+    """The data-parallel ranks whose ZeRO optimiser partition file is in `engine_dir` (empty at ZeRO-0)."""
+    return {int(m.group(1)) for p in engine_dir.glob("*optim_states.pt") if (m := _SHARD.search(p.name))}
+
+
+def _to_universal(target: Path, name: str, old_world: int) -> None:
+    """Rank 0: DeepSpeed's ds_to_universal into <target>/universal/<name>, once, by atomic rename."""
+    out = target / "universal" / name
+    if out.is_dir():
+        return
+    missing = sorted(set(range(old_world)) - _shard_ranks(target / name))
+    if missing:
+        raise CheckpointError(f"{target / name} lacks the ZeRO optimizer partitions of ranks {missing} "
+                              f"(zero_pp_rank_<r>_mp_rank_00_optim_states.pt); restore them, resume with "
+                              f"{old_world} ranks, or point {target.parent}/latest at an older step_* directory")
+    partial = out.with_name(f".{name}.partial{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(target / name), output_folder=str(partial), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our engines are plain modules: no TP/PP info to add
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):  # it prints and draws tqdm bars
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal %s: %s", target / name, report.getvalue())
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # names the partial folder; tags are explicit
+    os.replace(partial, out)
+
+
+def _load_universal(engine: Any, target: Path, name: str) -> None:
+    """Load <target>/universal/<name> into an engine built without `checkpoint.load_universal`."""
+    folder = target / "universal"
+    # DeepSpeed reads this flag only inside load_checkpoint, so setting it for the call equals building the
+    # engine with {"checkpoint": {"load_universal": true}}; it is put back so later saves/loads are plain.
+    config = engine._config
+    before, config.load_universal_checkpoint = config.load_universal_checkpoint, True
+    try:
+        _load_engine(engine, folder, name, target)
+    finally:
+        config.load_universal_checkpoint = before
+    if engine.zero_optimization_stage() == 3:
+        # ZeRO-3's universal loader gives every parameter group group 0's lr/betas/eps/weight_decay; the
+        # joint ELBO engine has two groups (encoder, decoder): put back each group's own from the checkpoint.
+        saved = torch.load(folder / name / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        groups = saved["optimizer_state_dict"]["param_groups"]
+        live = engine.optimizer.optimizer.param_groups
+        if len(groups) != len(live):
+            raise CheckpointError(f"{folder / name} has {len(groups)} optimizer parameter groups, this engine "
+                                  f"{len(live)}; game.kind and the model must match the run being resumed")
+        for group, old in zip(live, groups, strict=True):
+            group.update({key: value for key, value in old.items() if key != "params"})
+
+
+def load_meta(run_dir: str | Path) -> dict[str, Any]:
+    """meta.json of the latest checkpoint (step, world size, engines, resolved config)."""
+    target = latest_dir(run_dir)
+    if target is None:
+        raise CheckpointError(f"{ckpt_root(run_dir)} holds no checkpoint; train the run first "
+                              "(symeq train CONFIG run_dir=...)")
+    return json.loads((target / "meta.json").read_text())
+
+
+def _engine_state_dict(target: Path, name: str, stage: int) -> dict[str, torch.Tensor]:
+    if stage >= 3:  # parameters are partitioned: consolidate the fp32 shards
+        return get_fp32_state_dict_from_zero_checkpoint(str(target), tag=name)
+    states = torch.load(target / name / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module) -> int:
+    """Load the latest checkpoint's weights into plain modules (no engines, one process). Returns the step."""
+    target = latest_dir(run_dir)
+    meta = load_meta(run_dir)
+    assert target is not None
+    for name in meta["engines"]:
+        state = {k: v.float() for k, v in _engine_state_dict(target, name, meta["zero_stages"][name]).items()}
+        if name == "joint":
+            for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        else:
+            {"encoder": encoder, "decoder": decoder}[name].load_state_dict(state)
+    return int(meta["step"])

@@ -1,0 +1,122 @@
+"""Process group and ranks: the ONLY package reader of RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*.
+
+`init()` reads the environment once (torchrun, the launcher or SLURM set it; a bare process falls back
+to a one-rank group on loopback) and returns a `DistInfo` that is passed around explicitly.
+Must not import models.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def init(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise torch.distributed once (gloo on CPU, NCCL on CUDA) and return this process's ranks.
+
+    Without RANK in the environment this is a one-process run: loopback address and a free port are set
+    so DeepSpeed does not go looking for MPI (STACK.md).
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if _use_cuda():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # Torn down at process exit, not by library calls: DeepSpeed caches the groups, so several runs in
+        # one process (tests, notebooks) must keep the first process group.
+        atexit.register(shutdown)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        tdist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, mean or max); a no-op at world size 1."""
+    if info.world_size > 1:
+        red = {"sum": tdist.ReduceOp.SUM, "mean": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op]
+        tdist.all_reduce(tensor, op=red)
+        if op == "mean":
+            tensor /= info.world_size
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate equally shaped tensors of all ranks along dim 0."""
+    if info.world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    tdist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's `obj` on every rank."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_stats(stats: dict[str, torch.Tensor], info: DistInfo) -> dict[str, float]:
+    """Mean of each scalar over ranks with ONE stacked all-reduce; returns Python floats (rank 0 logs them)."""
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    stacked = torch.stack([stats[k].detach().float().reshape(()) for k in keys])
+    all_reduce(stacked, info, op="mean")
+    return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+def agree_any(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+    if info.world_size == 1:
+        return flag
+    return bool(all_reduce(torch.tensor([float(flag)], device=info.device), info, op="max").item())

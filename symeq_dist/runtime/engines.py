@@ -1,0 +1,166 @@
+"""The DeepSpeed engines, one per player: the ONLY caller of `deepspeed.initialize`.
+
+`ds_config.json` holds what both engines share (precision, ZeRO stage, explicit gradient clipping); the
+run config holds each player's optimiser (`engines.encoder`, `engines.decoder`) and the one batch size.
+This module merges them into one config dict per engine. The game decides which modules get engines: the
+symmetric game two (`encoder`, `decoder`), the ELBO baseline one `joint` engine over both players with one
+parameter group each, because its gradient flows from the decoder into the encoder (METHOD.md §9).
+Must not import game or data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from symeq_dist.config import EngineConfig, RunConfig
+from symeq_dist.runtime.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+# Numbers with one home elsewhere: batch sizes come from train.*, optimisers from engines.<player>.
+FORBIDDEN_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size (the micro batch is derived)",
+    "gradient_accumulation_steps": "train.grad_accumulation",
+    "optimizer": "engines.encoder / engines.decoder (lr, betas, eps, weight_decay)",
+    "scheduler": "engines.encoder / engines.decoder",
+}
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The engines by name ("encoder"/"decoder", or "joint") and the precision their modules compute in."""
+
+    engines: dict[str, Any]
+    dtype: torch.dtype
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter(self.engines.items())
+
+    def __getitem__(self, name: str) -> Any:
+        return self.engines[name]
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Read the shared DeepSpeed settings and reject numbers that belong to the run config.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: a forbidden key is set, or `gradient_clipping` is absent (DeepSpeed would clip at 1.0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; set engines.ds_config to the shared DeepSpeed JSON "
+                                f"(the repository root has ds_config.json)")
+    base = json.loads(path.read_text())
+    for key, home in FORBIDDEN_KEYS.items():
+        if key in base:
+            raise ValueError(f"{path}: '{key}' must not be set here; it has one home in the run config: {home}")
+    if "gradient_clipping" not in base:
+        raise ValueError(f"{path}: set 'gradient_clipping' explicitly (0.0 = off, as in the paper); "
+                         "DeepSpeed silently clips at 1.0 when the key is missing")
+    return base
+
+
+def _optimizer(eng: EngineConfig) -> dict[str, Any]:
+    # adam_w_mode False: DeepSpeed's "Adam" is AdamW otherwise; torch_adam keeps resume bitwise (STACK.md).
+    return {"type": "Adam", "params": {"lr": eng.lr, "betas": list(eng.betas), "eps": eng.eps,
+                                       "weight_decay": eng.weight_decay, "torch_adam": True,
+                                       "adam_w_mode": False}}
+
+
+def engine_config(base: dict[str, Any], eng: EngineConfig, *, micro_batch: int, grad_accumulation: int,
+                  world_size: int) -> dict[str, Any]:
+    """One engine's DeepSpeed dict: shared settings + this player's optimiser + the derived batch sizes."""
+    cfg = copy.deepcopy(base)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accumulation
+    cfg["train_batch_size"] = micro_batch * grad_accumulation * world_size
+    cfg["optimizer"] = _optimizer(eng)
+    if eng.zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = eng.zero_stage
+    return cfg
+
+
+def _initialize(module: nn.Module, params: Any, ds_cfg: dict[str, Any]) -> Any:
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_cfg)
+    return engine
+
+
+def build_engines(modules: dict[str, nn.Module], cfg: RunConfig, info: DistInfo) -> Engines:
+    """One DeepSpeed engine per entry of `modules` (the game's: encoder + decoder, or one joint module).
+
+    An engine's module is one player (its optimiser settings: `engines.<player>`), or holds several in a
+    `players` mapping (the joint ELBO module): then each player gets its own parameter group.
+    """
+    base = load_ds_config(cfg.engines.ds_config)
+    micro = cfg.micro_batch_size(info.world_size)
+    dtype = torch.bfloat16 if base.get("bf16", {}).get("enabled") else torch.float32
+    kw = {"micro_batch": micro, "grad_accumulation": cfg.train.grad_accumulation, "world_size": info.world_size}
+    engines = {}
+    for name, module in modules.items():
+        module.to(info.device)
+        players = getattr(module, "players", None)
+        if players is None:
+            params, eng = module.parameters(), getattr(cfg.engines, name)
+        else:
+            params = [_group(sub, getattr(cfg.engines, player)) for player, sub in players.items()]
+            eng = getattr(cfg.engines, list(players)[-1])  # defaults only: every group sets its own values
+        engines[name] = _initialize(module, params, engine_config(base, eng, **kw))
+    for name, engine in engines.items():
+        if info.world_size == 1 and zero_stage(engine) == 0:
+            # A one-rank gradient all-reduce only flattens and copies (measured: ~6% of a small step).
+            engine.enable_backward_allreduce = False
+        log.info("engine %s: ZeRO stage %d, micro batch %d x accumulation %d x world %d",
+                 name, engine.zero_optimization_stage(), micro, cfg.train.grad_accumulation, info.world_size)
+    return Engines(engines=engines, dtype=dtype)
+
+
+def _group(module: nn.Module, eng: EngineConfig) -> dict[str, Any]:
+    return {"params": list(module.parameters()), "lr": eng.lr, "betas": eng.betas, "eps": eng.eps,
+            "weight_decay": eng.weight_decay}
+
+
+def zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's module parameters gathered in full on every rank (ZeRO-3 partitions them)."""
+    module = engine.module
+    if zero_stage(engine) < 3:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def discard_gradients(engine: Any) -> None:
+    """Throw away the gradients of a backward whose step is skipped, as DeepSpeed's own overflow path does.
+
+    ZeRO stages 0-2 (ZeRO-3 keeps its gradient partitions elsewhere; `game.grad_spike` refuses it).
+    """
+    stage, optimizer = zero_stage(engine), engine.optimizer
+    engine.module.zero_grad(set_to_none=True)
+    if stage == 0:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    if stage > 2:
+        raise NotImplementedError("discarding gradients at ZeRO-3 is not supported")
+    optimizer.zero_grad(set_to_none=True)
+    release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+    if release is not None:
+        release()
+    for key in list(getattr(optimizer, "averaged_gradients", {})):
+        optimizer.averaged_gradients[key] = None
+        optimizer.all_grad_tensors[key] = None
+    optimizer.micro_step_id = -1  # INITIAL_MICRO_STEP_ID: the next backward starts a fresh accumulation

@@ -1,0 +1,285 @@
+"""The ONE training loop. The order of one iteration is the method, so here it is in full.
+
+game.kind = symmetric, game.schedule = alternating (reference order, METHOD.md §4.1), per micro-batch:
+  1. x0 <- next data batch (uint8, this rank's micro batch); x <- binarise/scale(x0) + noise   [data RNG]
+  2. no_grad: z ~ q_phi(z | x), ancestral through the encoder                                 [wake RNG]
+  3. decoder engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; [with
+     game.grad_spike: ranks agree no local gradient norm is non-finite or spiking]; step
+  4. no_grad: z'_0 ~ pi, (z', x') ~ p_theta with the UPDATED theta                            [dream RNG]
+  5. encoder engine: the same checks for -log q_phi(z' | x'); backward; step
+  A failed check in 3 skips both players on every rank; in 5 (the decoder has already stepped) it skips
+  the encoder on every rank. Skips are counted (sys/skipped_steps) and capped (game.max_consecutive_skips).
+schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5 with both backwards
+  before either step, so any failed check skips both players.
+game.kind = elbo: one joint engine; loss = -ELBO(x) (reparametrised / ZGR); backward; step; a no_grad
+dream feeds the decoder's MI monitor only.
+The game (registry `symeq_dist.game.GAMES`) supplies the engines' modules and their losses in update
+order; this loop owns the order of backward, agreement and step.
+Then, once per iteration on every rank (ZeRO-3 forwards are collective):
+  6. every monitor.mi_every: MI monitors updated from the wake (encoder) and dream (decoder) distributions
+  7. the persistent limiting chain advances one step                                          [chain RNG]
+  8. every monitor.log_every: one stacked all-reduce of the interval means -> TensorBoard (rank 0);
+     every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
+  9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
+     raise Preempted (the CLI exits 75, the sbatch script requeues).
+Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from symeq_dist import sampling
+from symeq_dist.config import RunConfig
+from symeq_dist.data import add_noise, to_float
+from symeq_dist.game import Game, MIMonitor, Round, Terms
+from symeq_dist.models import Players
+from symeq_dist.priors import Prior
+from symeq_dist.runtime import checkpoint
+from symeq_dist.runtime.dist import DistInfo, agree_any, all_reduce, reduce_stats
+from symeq_dist.runtime.engines import Engines, discard_gradients, zero_stage
+from symeq_dist.runtime.monitor import Monitor
+from symeq_dist.train.drills import FaultPlan
+from symeq_dist.train.guards import GradGuard, NonFiniteLoss
+from symeq_dist.train.preemption import Preempted, PreemptWatcher, mark_preempted
+from symeq_dist.train.state import TrainState, make_generators
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """The loop over one run's pieces, built by `symeq_dist.api.build_trainer` and handed in ready."""
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, *, players: Players, game: Game, engines: Engines,
+                 prior: Prior, stream: Any, eval_images: Tensor, monitor: Monitor,
+                 faults: FaultPlan | None = None) -> None:
+        self.cfg, self.info, self.players, self.game = cfg, info, players, game
+        self.engines, self.prior, self.stream, self.monitor = engines, prior, stream, monitor
+        self.eval_images = eval_images                      # (num_grid, C, H, W) uint8, held-out
+        self.micro = cfg.micro_batch_size(info.world_size)
+        self.state = TrainState()
+        self.gens = make_generators(cfg.seed, info.rank, info.device)
+        self.mi = MIMonitor(cfg.monitor.mi_ema ** cfg.monitor.mi_every)
+        self.chain = self._init_chain()
+        self._sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=info.device))
+        self._count, self._tick = 0, time.perf_counter()
+        self.faults = faults or FaultPlan()
+        self.guard = self._grad_guard()
+
+    def _grad_guard(self) -> GradGuard | None:
+        game_cfg = self.cfg.game
+        if not game_cfg.grad_spike:
+            return None
+        stages = {name: zero_stage(engine) for name, engine in self.engines.items()}
+        if max(stages.values()) > 2:
+            raise ValueError(f"game.grad_spike needs ZeRO stage <= 2 (engines: {stages}); set game.grad_spike=0 "
+                             "or lower engines.*.zero_stage")
+        return GradGuard({name: engine.module for name, engine in self.engines.items()},
+                         factor=game_cfg.grad_spike, warmup=game_cfg.grad_spike_warmup, state=self.state.grad_norms)
+
+    # ------------------------------------------------------------------ state
+    def _init_chain(self) -> Tensor:
+        num = max(1, self.cfg.sampling.num_chains // self.info.world_size)
+        return sampling.init_chain(
+            self.cfg.sampling.chain_init, decoder=self.players.decoder, prior=self.prior, num=num,
+            generator=self.gens["chain"], device=self.info.device, image_shape=self.cfg.model.image_shape,
+            data=self._float(self.eval_images.to(self.info.device)))
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"train": asdict(self.state), "stream": self.stream.state_dict(), "chain": self.chain.cpu(),
+                "mi": self.mi.state_dict(), "gens": {k: g.get_state() for k, g in self.gens.items()},
+                "torch_rng": torch.get_rng_state()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self.state = TrainState(**state["train"])
+        if self.guard is not None:
+            self.guard.state = self.state.grad_norms
+        self.stream.load_state_dict(state["stream"])
+        self.chain = state["chain"].to(self.info.device)
+        self.mi.load_state_dict(state["mi"], self.info.device)
+        if state["gens"] is None:  # resumed on another number of ranks: fresh per-rank streams (docs/resume.md)
+            self.gens = make_generators(self.cfg.seed, self.info.rank, self.info.device, step=self.state.step)
+        else:
+            for key, gen in self.gens.items():
+                gen.set_state(state["gens"][key])
+        if state["torch_rng"] is not None:
+            torch.set_rng_state(state["torch_rng"])
+
+    # ------------------------------------------------------------------ one iteration
+    def _float(self, images: Tensor) -> Tensor:
+        return to_float(images, self.cfg.data).to(self.engines.dtype)
+
+    def _next_x(self) -> Tensor:
+        x0 = self._float(next(self.stream)["image"].to(self.info.device, non_blocking=True))
+        return add_noise(x0, self.cfg.data, self.gens["data"])
+
+    def _agree_finite(self, loss: Tensor) -> bool:
+        """All ranks agree whether every rank's loss is finite (one tiny all-reduce)."""
+        if self.info.world_size == 1:
+            return bool(torch.isfinite(loss.detach()))
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        return all_reduce(bad, self.info, op="max").item() == 0
+
+    def _step_all(self, updates: dict[str, Terms]) -> bool:
+        """After the backward of every engine in `updates`: step them all, or, if the gradient guard finds a
+        non-finite or spiking norm on any rank, discard all their gradients on every rank."""
+        norms = {name: self.guard.take(name) for name in updates} if self.guard else {}
+        if self.guard and agree_any(any(self.guard.is_bad(n, v) for n, v in norms.items()), self.info):
+            for name in updates:
+                discard_gradients(self.engines[name])
+            log.warning("step %d: gradient norm spike or non-finite gradient on some rank (this rank: %s)",
+                        self.state.step + 1, {n: f"{v:.3g}" for n, v in norms.items()})
+            return False
+        for name, terms in updates.items():
+            self.engines[name].step()
+            self._accumulate(f"train/{name}", terms.stats)
+            if self.guard:
+                self.guard.accept(name, norms[name])
+                self._sums[f"sys/grad_norm/{name}"] += norms[name]
+        return True
+
+    def _update(self, name: str, terms: Terms) -> bool:
+        """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
+        if not self._agree_finite(terms.loss):
+            return False
+        self.engines[name].backward(terms.loss)
+        return self._step_all({name: terms})
+
+    def _loss(self, name: str, rnd: Round) -> Terms:
+        terms = self.game.losses[name](rnd)
+        if self.faults.faults and name == next(iter(self.game.losses)):  # drills hit the step's first loss
+            terms = replace(terms, loss=self.faults.first_loss(terms.loss, self.state.step + 1, self.info.rank))
+        return terms
+
+    def _micro(self) -> bool:
+        """One micro-batch of the game; False if the update was skipped on every rank."""
+        rnd = Round(x=self._next_x(), num_dreams=self.micro, gens=self.gens)
+        names = list(self.game.losses)
+        if self.cfg.game.schedule == "simultaneous" and len(names) > 1:
+            terms = {name: self._loss(name, rnd) for name in names}  # all from the same (theta, phi)
+            ok = self._agree_finite(sum(t.loss for t in terms.values()))
+            if ok:  # every backward first, so a bad gradient of either skips both
+                for name, t in terms.items():
+                    self.engines[name].backward(t.loss)
+                ok = self._step_all(terms)
+        else:  # alternating: each loss is computed after the previous engine stepped
+            ok = all(self._update(name, self._loss(name, rnd)) for name in names)
+        if ok and self.state.step % self.cfg.monitor.mi_every == 0:
+            for player, dists in self.game.monitored(rnd).items():
+                self.mi.update(player, dists)
+        return ok
+
+    def _iteration(self) -> None:
+        ok = all(self._micro() for _ in range(self.cfg.train.grad_accumulation))
+        if not ok:
+            self._skip()
+        else:
+            self.state.consecutive_skips = 0
+            self.state.samples_seen += self.cfg.train.batch_size
+        self.state.step += 1
+        every = self.cfg.sampling.chain_every
+        if every and self.state.step % every == 0:
+            self.chain = sampling.chain_step(self.players.encoder, self.players.decoder, self.chain,
+                                             self.gens["chain"])
+
+    def _skip(self) -> None:
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        game_cfg = self.cfg.game
+        if game_cfg.nonfinite == "fail" or self.cfg.train.grad_accumulation > 1:
+            raise NonFiniteLoss(f"non-finite loss at step {self.state.step} (game.nonfinite={game_cfg.nonfinite}"
+                                f", accumulation {self.cfg.train.grad_accumulation}); lower the learning rates")
+        if self.state.consecutive_skips > game_cfg.max_consecutive_skips:
+            raise NonFiniteLoss(f"{self.state.consecutive_skips} consecutive skipped steps (non-finite loss or "
+                                f"gradient spike) at step {self.state.step} (cap game.max_consecutive_skips); "
+                                "lower the learning rates")
+        log.warning("step %d: non-finite loss or gradient spike on some rank; the update is skipped on every rank",
+                    self.state.step + 1)
+
+    # ------------------------------------------------------------------ monitoring
+    def _accumulate(self, prefix: str, stats: dict[str, Tensor]) -> None:
+        for key, value in stats.items():
+            self._sums[f"{prefix}/{key}"] += value.float()
+        self._count += 1 if prefix.endswith(("decoder", "joint")) else 0
+
+    def _log_scalars(self) -> dict[str, float]:
+        count = max(1, self._count)
+        stats = {k: v / count for k, v in self._sums.items()}
+        stats.update(self.mi.summary())
+        stats["data/skipped"] = torch.tensor(float(self.stream.skipped), device=self.info.device)
+        values = reduce_stats(stats, self.info)
+        values["data/skipped"] *= self.info.world_size  # rank mean -> bad samples dropped by all ranks so far
+        elapsed = time.perf_counter() - self._tick
+        steps = self._count / self.cfg.train.grad_accumulation
+        values["perf/samples_per_s"] = self.cfg.train.batch_size * steps / max(elapsed, 1e-9)
+        values["perf/step_time_s"] = elapsed / max(steps, 1)
+        values["sys/skipped_steps"] = float(self.state.skipped_steps)
+        self.monitor.scalars(values, self.state.step)
+        self._sums.clear()
+        self._count, self._tick = 0, time.perf_counter()
+        return values
+
+    def log_images(self) -> None:
+        """Grids of data, reconstructions, random-code samples and the persistent chain (collective)."""
+        enc, dec, gen, step = self.players.encoder, self.players.decoder, self.gens["grid"], self.state.step
+        data = self._float(self.eval_images.to(self.info.device))
+        grids = {"data": data,
+                 "reconstruction": sampling.reconstruct(enc, dec, data, gen),
+                 "random_code": sampling.random_code(dec, self.prior, len(data), gen, self.info.device),
+                 "limiting_chain": sampling.chain_output(enc, dec, self.chain, gen)}
+        for name, images in grids.items():
+            self.monitor.image(f"samples/{name}", images.float(), step, save_as=f"{name}_{step:08d}.png")
+        for key, mi in self.mi.ema.items():
+            self.monitor.histogram(f"train/{key.split('/')[0]}/mi_hist/{key.split('/', 1)[1]}", mi, step)
+
+    def save_checkpoint(self) -> None:
+        meta = {"config": self.cfg.to_dict(), "samples_seen": self.state.samples_seen}
+        checkpoint.save(self.cfg.run_dir, self.state.step, self.engines, self.rank_state(), meta=meta,
+                        info=self.info, keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Run until step `until` (default train.steps); returns the last logged scalars (rank-averaged)."""
+        cfg, last = self.cfg, {}
+        until = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
+                   disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
+        self._tick = time.perf_counter()
+        with PreemptWatcher(cfg.fault.preempt_signals) as watcher:
+            while self.state.step < until:
+                self.faults.before_step(self.state.step + 1, self.info.rank)
+                self._iteration()
+                step, done = self.state.step, self.state.step == cfg.train.steps
+                bar.update(1)
+                if step % cfg.monitor.log_every == 0 or done:
+                    last = self._log_scalars()
+                    bar.set_postfix(dec=f"{last.get('train/decoder/loss', float('nan')):.2f}",
+                                    enc=f"{last.get('train/encoder/loss', float('nan')):.2f}")
+                if step % cfg.monitor.image_every == 0 or done:
+                    self.log_images()
+                saved = step % cfg.checkpoint.every == 0 or done
+                if saved:
+                    self.save_checkpoint()
+                if agree_any(watcher.signalled is not None, self.info):  # every rank stops after this step
+                    if not saved:
+                        self.save_checkpoint()
+                    if self.info.is_main:  # for the sbatch script, in case srun reports another task's code
+                        mark_preempted(cfg.run_dir, step)
+                    bar.close()
+                    self.monitor.flush()
+                    raise Preempted(step, watcher.signalled or "a preemption signal on another rank")
+        bar.close()
+        self.monitor.flush()
+        return last
+
+    def close(self) -> None:
+        self.monitor.close()
+        self.stream.close()
