@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from symeq_dist.errors import InputError
 from symeq_dist.models.distributions import Bernoulli, Distribution
 from symeq_dist.priors import Prior
 
@@ -49,7 +50,8 @@ def init_chain(kind: str, *, decoder: nn.Module, prior: Prior, num: int, generat
         return torch.rand((num, *image_shape), generator=generator, device=device)
     if kind == "data":
         if data is None or data.shape[0] < num:
-            raise ValueError(f"chain_init=data needs a data batch of at least {num} images")
+            raise InputError(f"chain_init=data needs a held-out batch of at least {num} images; ask for fewer "
+                             "chains or samples")
         return data[:num].clone()
     raise ValueError(f"chain init must be random_code, noise or data, got {kind!r}")
 

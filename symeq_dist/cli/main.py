@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from symeq_dist.cli.eval import add_eval_parsers, run_compare, run_eval
+from symeq_dist.errors import InputError
 
 EXIT_INPUT, EXIT_COLLECTIVE = 2, 1
 
@@ -82,14 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     try:
         return _dispatch(args, argv)
-    except (ValueError, FileNotFoundError) as err:  # bad input: message names the fix
+    except InputError as err:  # bad input: the message names the fix; anything else keeps its traceback
         print(f"symeq: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as err:
-        from symeq_dist.runtime.checkpoint import CheckpointError
-        if isinstance(err, CheckpointError):
-            print(f"symeq: error: {err}", file=sys.stderr)
-            return EXIT_INPUT
         code = _known_failure(err)
         if code is None:
             raise

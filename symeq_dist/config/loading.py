@@ -18,6 +18,7 @@ import yaml
 from symeq_dist.config.base import ConfigError, check
 from symeq_dist.config.models import MODEL_CONFIGS
 from symeq_dist.config.run import RunConfig
+from symeq_dist.errors import MissingInput
 
 # The flat model section of configs stored before issue 9 (every kind's fields in one class).
 LEGACY_MODEL_KEYS = frozenset({"latent", "num_latents", "hidden", "num_z0", "num_z1", "trunk_width", "mlp_width"})
@@ -143,7 +144,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found; the shipped configs are in configs/")
+            raise MissingInput(f"config file {path} not found; the shipped configs are in configs/")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")

@@ -63,7 +63,7 @@ class CheckpointConfig:
 class FaultConfig:
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (a rank died or hangs) fails the run with an error."""
-    preempt_signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")
+    preempt_signals: tuple[str, ...] = ("SIGUSR1", "SIGUSR2", "SIGTERM")
     """On these signals every rank finishes its step, a checkpoint is written and the run exits with 75
     (EX_TEMPFAIL), which the sbatch scripts turn into a requeue. Empty: default signal behaviour."""
 

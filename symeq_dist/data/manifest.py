@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from symeq_dist.errors import InputError
+from symeq_dist.errors import InputError, MissingInput
 
 MANIFEST_NAME = "manifest.json"
 # 1: per-sample png + cls; 2: + "format" and "samples_per_member" (packed blocks); 3: per-sample schemas
@@ -30,12 +30,12 @@ def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
     """
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {shards_dir}: write the shards first, e.g. "
+        raise MissingInput(f"no {MANIFEST_NAME} in {shards_dir}: write the shards first, e.g. "
                                 f"run `symeq shards mnist --out {shards_dir}`, or set data.shards")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rewrite the shards with `symeq shards`") \
+        raise InputError(f"{path} is not valid JSON ({err}); rewrite the shards with `symeq shards`") \
             from None
     version = manifest.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -44,7 +44,7 @@ def load_manifest(shards_dir: str | Path) -> dict[str, Any]:
                          "`symeq shards`")
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; it was not written by `symeq shards`, rewrite the shards")
+        raise InputError(f"{path} lacks {missing}; it was not written by `symeq shards`, rewrite the shards")
     return manifest
 
 
@@ -59,12 +59,12 @@ def split_entries(manifest: dict[str, Any], split: str, *, shards_dir: Path) -> 
     available = ", ".join(f"{name} ({len(entry['shards'])} shards)" for name, entry in splits.items())
     if split not in splits or not splits[split]["shards"]:
         problem = "is not in" if split not in splits else "has no shards in"
-        raise ValueError(f"split '{split}' {problem} {shards_dir / 'manifest.json'}; available splits: "
+        raise InputError(f"split '{split}' {problem} {shards_dir / 'manifest.json'}; available splits: "
                          f"{available or 'none'} (set data.split / data.eval_split)")
     entries = splits[split]["shards"]
     for entry in entries:
         if not (shards_dir / entry["name"]).is_file():
-            raise FileNotFoundError(f"shard {shards_dir / entry['name']} listed in the manifest is missing; "
+            raise MissingInput(f"shard {shards_dir / entry['name']} listed in the manifest is missing; "
                                     "rewrite the shards (`symeq shards ...`) or point data.shards elsewhere")
     return entries
 
@@ -73,6 +73,6 @@ def samples_per_member(manifest: dict[str, Any]) -> int:
     """1 for per-sample shards, the block size for packed ones; ValueError for an unknown format."""
     layout = manifest.get("format", PER_SAMPLE)
     if layout not in (PACKED, PER_SAMPLE):
-        raise ValueError(f"manifest format {layout!r} is unknown (this reader knows {PACKED!r} and "
+        raise InputError(f"manifest format {layout!r} is unknown (this reader knows {PACKED!r} and "
                          f"{PER_SAMPLE!r}); rewrite the shards with `symeq shards ...` or update symeq_dist")
     return int(manifest.get("samples_per_member", 1)) if layout == PACKED else 1

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from symeq_dist.errors import InputError
+
 IMAGE_FORMATS = ("png", "jpg")
 _MEMBERS = {"cls", "attr.npy", "seg.png", "json", *IMAGE_FORMATS}
 
 
-class BadSample(ValueError):
+class BadSample(InputError):
     """A sample that cannot be read or breaks the schema; `where` names the shard and key."""
 
     def __init__(self, where: str, problem: str) -> None:
@@ -57,15 +59,15 @@ class Schema:
     def __post_init__(self) -> None:
         c, h, w = self.image_shape
         if c not in (1, 3) or h < 1 or w < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with C in {{1, 3}}, got {self.image_shape}")
+            raise InputError(f"image_shape must be (C, H, W) with C in {{1, 3}}, got {self.image_shape}")
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format {self.image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
+            raise InputError(f"image_format {self.image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
         if self.num_classes is not None and self.attributes is not None:
-            raise ValueError("a schema has class labels or attributes, not both")
+            raise InputError("a schema has class labels or attributes, not both")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise InputError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.mask_classes is not None and not 2 <= len(self.mask_classes) <= 256:
-            raise ValueError(f"a label map needs 2..256 classes, got {len(self.mask_classes)}")
+            raise InputError(f"a label map needs 2..256 classes, got {len(self.mask_classes)}")
 
     @property
     def label_kind(self) -> str | None:
@@ -88,7 +90,7 @@ class Schema:
         mask = manifest.get("mask")
         kind = None if label is None else label.get("kind")
         if kind not in (None, "class", "attributes"):
-            raise ValueError(f"manifest label kind {kind!r} is unknown (class or attributes); rewrite the shards")
+            raise InputError(f"manifest label kind {kind!r} is unknown (class or attributes); rewrite the shards")
         return cls(image_shape=tuple(manifest["image_shape"]), image_format=manifest.get("image_format") or "png",
                    jpeg_quality=manifest.get("jpeg_quality") or 95,
                    num_classes=max(1, int(label["num_classes"])) if kind == "class" else None,
@@ -116,7 +118,7 @@ def encode(sample: Sample, schema: Schema, key: str) -> dict[str, Any]:
     """`sample` -> a webdataset group {"__key__": key, member: bytes}; ValueError if it breaks the schema."""
     image = sample.image
     if image.dtype != np.uint8 or image.shape != tuple(schema.image_shape):
-        raise ValueError(f"sample {key}: image {image.dtype} {image.shape}, the schema says uint8 "
+        raise InputError(f"sample {key}: image {image.dtype} {image.shape}, the schema says uint8 "
                          f"{tuple(schema.image_shape)}")
     group: dict[str, Any] = {"__key__": key, schema.image_format: _encode_image(image, schema)}
     _check_label(sample.label, schema, f"sample {key}")
@@ -130,7 +132,7 @@ def encode(sample: Sample, schema: Schema, key: str) -> dict[str, Any]:
         _check_mask(sample.mask, schema, f"sample {key}")
         group["seg.png"] = _png(sample.mask)
     elif sample.mask is not None:
-        raise ValueError(f"sample {key} has a mask but the schema has no mask_classes")
+        raise InputError(f"sample {key} has a mask but the schema has no mask_classes")
     if sample.meta:
         group["json"] = json.dumps(sample.meta, sort_keys=True).encode("utf-8")
     return group
@@ -222,24 +224,24 @@ def _decode_image(raw: bytes, schema: Schema, where: str) -> np.ndarray:
 def _check_label(label: Any, schema: Schema, where: str) -> None:
     if schema.num_classes is not None:
         if label is None or not 0 <= int(label) < schema.num_classes:
-            raise ValueError(f"{where}: class {label} outside 0..{schema.num_classes - 1}")
+            raise InputError(f"{where}: class {label} outside 0..{schema.num_classes - 1}")
     elif schema.attributes is not None:
         array = np.asarray(label)
         if (label is None or array.dtype != np.uint8 or array.shape != (len(schema.attributes),)
                 or not np.isin(array, (0, 1)).all()):
-            raise ValueError(f"{where}: attributes must be {len(schema.attributes)} values in {{0, 1}}, "
+            raise InputError(f"{where}: attributes must be {len(schema.attributes)} values in {{0, 1}}, "
                              f"got {array.dtype} {array.shape}")
     elif label is not None:
-        raise ValueError(f"{where}: has a label but the schema has neither num_classes nor attributes")
+        raise InputError(f"{where}: has a label but the schema has neither num_classes nor attributes")
 
 
 def _check_mask(mask: np.ndarray | None, schema: Schema, where: str) -> None:
     shape = tuple(schema.image_shape[1:])
     if mask is None or mask.dtype != np.uint8 or mask.shape != shape:
         got = "none" if mask is None else f"{mask.dtype} {mask.shape}"
-        raise ValueError(f"{where}: label map must be uint8 {shape}, got {got}")
+        raise InputError(f"{where}: label map must be uint8 {shape}, got {got}")
     if mask.size and int(mask.max()) >= len(schema.mask_classes):
-        raise ValueError(f"{where}: label map value {int(mask.max())} outside 0..{len(schema.mask_classes) - 1}")
+        raise InputError(f"{where}: label map value {int(mask.max())} outside 0..{len(schema.mask_classes) - 1}")
 
 
 def known_member(name: str) -> bool:

@@ -38,6 +38,7 @@ from symeq_dist.config import DataConfig
 from symeq_dist.data.manifest import samples_per_member, split_entries
 from symeq_dist.data.schema import BadSample, Schema
 from symeq_dist.data.tario import Decoded, ShardReader
+from symeq_dist.errors import InputError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -49,7 +50,7 @@ STATE_VERSION = 2
 _ORDER_PURPOSE = 0x5EED03  # first SeedSequence word of the epoch orders
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad shards under policy `fail` (or every sample of a batch bad); the message names shard and key."""
 
 
@@ -244,7 +245,7 @@ class TrainStream:
         if self._iterator is not None or self._batches:
             raise RuntimeError("load_state_dict must be called before the first next() of a fresh stream")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"stream state version {state.get('version')} was written by another symeq-dist "
+            raise InputError(f"stream state version {state.get('version')} was written by another symeq-dist "
                              f"(this one reads {STATE_VERSION}); resume it with that version or start a new run")
         plan = self._plan
         batches, epoch, pos = int(state["batches"]), int(state["epoch"]), int(state["pos"])
@@ -290,7 +291,7 @@ def open_train_stream(shards_dir: Path, manifest: dict[str, Any], cfg: DataConfi
     stride = world_size * batch_size
     num_samples = sum(reader.counts)
     if num_samples < stride:
-        raise ValueError(f"split '{cfg.split}' holds {num_samples} samples, fewer than one step of {world_size} "
+        raise InputError(f"split '{cfg.split}' holds {num_samples} samples, fewer than one step of {world_size} "
                          f"ranks x {batch_size} = {stride}: lower train.batch_size or add data")
     workers = max(1, cfg.num_workers)
     plan = _Plan(reader=reader, seed=seed, window=cfg.shuffle_buffer, rank=rank, world_size=world_size,

@@ -22,6 +22,7 @@ from PIL import Image
 
 from symeq_dist.data.schema import Sample, Schema
 from symeq_dist.datasets.convert import convert
+from symeq_dist.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def write_celeba_shards(root: Path, out_dir: Path, *, size: int = 64, crop: int 
     attributes, partition = read_attributes(attr_path), read_partition(part_path)
     if set(attributes) != set(partition):
         odd = sorted(set(attributes) ^ set(partition))
-        raise ValueError(f"{attr_path} and {part_path} list different images ({len(odd)} differ, e.g. "
+        raise InputError(f"{attr_path} and {part_path} list different images ({len(odd)} differ, e.g. "
                          f"{', '.join(odd[:3])}); use the two lists of one CelebA copy")
     files = sorted(partition)
     image_dir = _image_dir(found, root, files[0])
@@ -95,7 +96,7 @@ def make_celeba_sample(record: list[Any], *, size: int, crop: int) -> Sample:
     width, height = image.size
     side = min(width, height) if crop == 0 else crop
     if side > min(width, height):
-        raise ValueError(f"{path} is {width}x{height}, smaller than the {crop}-pixel crop; use --crop "
+        raise InputError(f"{path} is {width}x{height}, smaller than the {crop}-pixel crop; use --crop "
                          f"{min(width, height)} or less (0 = the largest centred square)")
     left, top = (width - side) // 2, (height - side) // 2
     image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
@@ -108,7 +109,7 @@ def open_rgb(path: Path) -> Image.Image:
         with Image.open(path) as opened:
             return opened.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err}); {RESTORE}") from None
+        raise InputError(f"{path} is not a readable image ({type(err).__name__}: {err}); {RESTORE}") from None
 
 
 def chw(image: Image.Image) -> np.ndarray:
@@ -122,7 +123,7 @@ def read_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} cannot be read as text ({err}); {RESTORE}") from None
+        raise InputError(f"{path} cannot be read as text ({err}); {RESTORE}") from None
     rows = csv.reader(lines) if path.suffix.lower() == ".csv" else (line.split() for line in lines)
     return [(number, [f.strip() for f in row]) for number, row in enumerate(rows, 1) if any(f.strip() for f in row)]
 
@@ -137,28 +138,28 @@ def read_attributes(path: Path) -> dict[str, list[int]]:
     if path.suffix.lower() == ".csv":
         header, body = (rows[0][1] if rows else []), rows[1:]
         if header[:1] != ["image_id"]:
-            raise ValueError(f"{path}: line 1 must start with the column image_id; {fix}")
+            raise InputError(f"{path}: line 1 must start with the column image_id; {fix}")
         names = header[1:]
     else:
         if len(rows) < 2 or len(rows[0][1]) != 1 or not rows[0][1][0].isdigit():
-            raise ValueError(f"{path}: line 1 must be the image count alone (e.g. 202599); {fix}")
+            raise InputError(f"{path}: line 1 must be the image count alone (e.g. 202599); {fix}")
         names, body = rows[1][1], rows[2:]
         if int(rows[0][1][0]) != len(body):
-            raise ValueError(f"{path}: line 1 says {rows[0][1][0]} images but {len(body)} rows follow; {fix}")
+            raise InputError(f"{path}: line 1 says {rows[0][1][0]} images but {len(body)} rows follow; {fix}")
     if tuple(names) != CELEBA_ATTRIBUTES:
         diff = [f"{i + 1}: {n!r}" for i, (n, e) in enumerate(zip(names, CELEBA_ATTRIBUTES, strict=False)) if n != e]
-        raise ValueError(f"{path}: the names line holds {len(names)} names, not CelebA's 40 attributes in order "
+        raise InputError(f"{path}: the names line holds {len(names)} names, not CelebA's 40 attributes in order "
                          f"(first differences at columns {', '.join(diff[:3]) or 'none'}); {fix}")
     table: dict[str, list[int]] = {}
     for line, fields in body:
         if len(fields) != 41:
-            raise ValueError(f"{path} line {line}: {len(fields)} fields, expected a file name and 40 values; {fix}")
+            raise InputError(f"{path} line {line}: {len(fields)} fields, expected a file name and 40 values; {fix}")
         bad = next((i for i, value in enumerate(fields[1:]) if value not in ("-1", "1")), None)
         if bad is not None:
-            raise ValueError(f"{path} line {line}: {CELEBA_ATTRIBUTES[bad]} of {fields[0]} is {fields[bad + 1]!r}, "
+            raise InputError(f"{path} line {line}: {CELEBA_ATTRIBUTES[bad]} of {fields[0]} is {fields[bad + 1]!r}, "
                              f"not -1 or 1; {fix}")
         if fields[0] in table:
-            raise ValueError(f"{path} line {line}: {fields[0]} is listed twice; {fix}")
+            raise InputError(f"{path} line {line}: {fields[0]} is listed twice; {fix}")
         table[fields[0]] = [(int(value) + 1) // 2 for value in fields[1:]]
     return table
 
@@ -169,18 +170,18 @@ def read_partition(path: Path) -> dict[str, int]:
     rows, fix = read_rows(path), f"the file is damaged or is not CelebA's list_eval_partition: {RESTORE}"
     if path.suffix.lower() == ".csv":
         if not rows or rows[0][1] != ["image_id", "partition"]:
-            raise ValueError(f"{path}: line 1 must be the header image_id,partition; {fix}")
+            raise InputError(f"{path}: line 1 must be the header image_id,partition; {fix}")
         rows = rows[1:]
     table: dict[str, int] = {}
     for line, fields in rows:
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-            raise ValueError(f"{path} line {line}: expected '<file> <code>' with code 0 (train), 1 (valid) or 2 "
+            raise InputError(f"{path} line {line}: expected '<file> <code>' with code 0 (train), 1 (valid) or 2 "
                              f"(test), got {' '.join(fields)!r}; {fix}")
         if fields[0] in table:
-            raise ValueError(f"{path} line {line}: {fields[0]} is listed twice; {fix}")
+            raise InputError(f"{path} line {line}: {fields[0]} is listed twice; {fix}")
         table[fields[0]] = int(fields[1])
     if not table:
-        raise ValueError(f"{path} lists no image; {fix}")
+        raise InputError(f"{path} lists no image; {fix}")
     return table
 
 
@@ -203,11 +204,11 @@ def pick(found: dict[str, list[Path]], names: tuple[str, ...], root: Path, fix: 
     for name in names:
         paths = [p for p in found[name] if p.is_file()]
         if len(paths) > 1:
-            raise ValueError(f"{root} holds {len(paths)} copies of {name} ({', '.join(map(str, paths[:3]))}); "
+            raise InputError(f"{root} holds {len(paths)} copies of {name} ({', '.join(map(str, paths[:3]))}); "
                              "keep one, or pass a ROOT that holds one CelebA copy")
         if paths:
             return paths[0]
-    raise FileNotFoundError(f"no {' or '.join(names)} under {root}; {fix}")
+    raise MissingInput(f"no {' or '.join(names)} under {root}; {fix}")
 
 
 def _image_dir(found: dict[str, list[Path]], root: Path, first: str) -> Path:
@@ -216,7 +217,7 @@ def _image_dir(found: dict[str, list[Path]], root: Path, first: str) -> Path:
     if not dirs:
         zips = [p for p in found[IMAGE_ZIP] if p.is_file()]
         hint = f"unzip {zips[0]} where it lies" if zips else "download Img/img_align_celeba.zip and unzip it under ROOT"
-        raise FileNotFoundError(f"no {IMAGE_DIR}/ directory holding {first} under {root}; {hint}")
+        raise MissingInput(f"no {IMAGE_DIR}/ directory holding {first} under {root}; {hint}")
     if len(dirs) > 1:
         log.warning("%d %s/ directories hold %s; using %s", len(dirs), IMAGE_DIR, first, dirs[0])
     return dirs[0]
@@ -227,24 +228,24 @@ def check_listed(folder: Path, files: list[str], listing: Path, fix: str) -> Non
     missing = [name for name in files if name not in present]
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} of the {len(files)} images listed in {listing} are missing from "
+        raise MissingInput(f"{len(missing)} of the {len(files)} images listed in {listing} are missing from "
                                 f"{folder}: {shown}; {fix}")
 
 
 def existing_dir(root: Path, what: str) -> Path:
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory; ROOT must be {what}")
+        raise MissingInput(f"{root} is not a directory; ROOT must be {what}")
     return root
 
 
 def check_options(*, size: int, crop: int, limit: int | None) -> None:
     if size < 1:
-        raise ValueError(f"size must be >= 1 pixel, got {size}")
+        raise InputError(f"size must be >= 1 pixel, got {size}")
     if crop < 0:
-        raise ValueError(f"crop must be >= 0 pixels (0 = the largest centred square), got {crop}")
+        raise InputError(f"crop must be >= 0 pixels (0 = the largest centred square), got {crop}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for every image), got {limit}")
+        raise InputError(f"limit must be >= 1 (or None for every image), got {limit}")
 
 
 def limited(splits: dict[str, list[Any]], limit: int | None) -> dict[str, list[Any]]:

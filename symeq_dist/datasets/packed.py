@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from symeq_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, PACKED, PER_SAMPLE
 from symeq_dist.datasets.common import NAME_RE, write_manifest, write_tar
+from symeq_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _samples_per_member(requested: int | None, image_shape: tuple[int, int, int]
     if requested is None:
         return PACKED_SAMPLES_PER_MEMBER if image_shape[1] * image_shape[2] <= PACK_MAX_PIXELS else 1
     if requested < 1:
-        raise ValueError(f"samples_per_member must be >= 1 (1 = one png + cls per sample), or None for the "
+        raise InputError(f"samples_per_member must be >= 1 (1 = one png + cls per sample), or None for the "
                          f"default, got {requested}")
     return requested
 
@@ -92,29 +93,29 @@ def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray]], *, dataset: 
                   samples_per_shard: int, meta: dict) -> tuple[int, int, int]:
     """Validate the writer's input; return the common image shape (C, H, W)."""
     if not NAME_RE.match(dataset) or not splits or not all(NAME_RE.match(s) for s in splits):
-        raise ValueError(f"dataset {dataset!r} and split names {list(splits)} must be non-empty and use only "
+        raise InputError(f"dataset {dataset!r} and split names {list(splits)} must be non-empty and use only "
                          "letters, digits, '_' and '-' (they become file names)")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise InputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     clash = sorted(set(meta) & set(_RESERVED_KEYS))
     if clash:
-        raise ValueError(f"meta keys {clash} are written by write_shards itself; rename them")
+        raise InputError(f"meta keys {clash} are written by write_shards itself; rename them")
     json.dumps(meta)  # raises TypeError early for non-JSON meta, before any shard is written
     shapes = set()
     for split, (images, labels) in splits.items():
         labels = np.asarray(labels)
         channels_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[1] in (1, 3))
         if images.dtype != np.uint8 or not channels_ok:
-            raise ValueError(f"split {split}: images must be uint8 (N, H, W) or (N, C, H, W) with C in "
+            raise InputError(f"split {split}: images must be uint8 (N, H, W) or (N, C, H, W) with C in "
                              f"{{1, 3}}, got {images.dtype} {images.shape}")
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"split {split}: labels must be integers of shape ({len(images)},), "
+            raise InputError(f"split {split}: labels must be integers of shape ({len(images)},), "
                              f"got {labels.dtype} {labels.shape}")
         if len(labels) and labels.min() < 0:
-            raise ValueError(f"split {split}: labels must be >= 0, found {labels.min()}")
+            raise InputError(f"split {split}: labels must be >= 0, found {labels.min()}")
         shapes.add(_as_nchw(images).shape[1:])
     if len(shapes) != 1:
-        raise ValueError(f"all splits must share one image shape, got {sorted(shapes)}")
+        raise InputError(f"all splits must share one image shape, got {sorted(shapes)}")
     return shapes.pop()
 
 

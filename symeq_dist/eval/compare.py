@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from symeq_dist.errors import InputError, MissingInput
 from symeq_dist.eval.figures import DPI, save_figure
 from symeq_dist.eval.report import COMPARABILITY, FD_SETS, num, table, write_atomic
 
@@ -21,7 +22,7 @@ from symeq_dist.eval.report import COMPARABILITY, FD_SETS, num, table, write_ato
 def _load_report(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "eval" / "report.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no evaluation report at {path}; run `symeq eval {run_dir}` first")
+        raise MissingInput(f"no evaluation report at {path}; run `symeq eval {run_dir}` first")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -113,12 +114,12 @@ def compare_runs(run_dirs: list[Path], out_md: Path | None, out_png: Path | None
         ValueError: no runs, or a plot was asked for but the runs share no feature network.
     """
     if not run_dirs:
-        raise ValueError("compare_runs needs at least one run directory")
+        raise InputError("compare_runs needs at least one run directory")
     reports = [_load_report(Path(d)) for d in run_dirs]
     names = _column_names([Path(d) for d in run_dirs], reports)
     network = _common_network(reports)
     if out_png is not None and network is None:
-        raise ValueError("the runs share no feature network, so there is no common FD to plot; evaluate them "
+        raise InputError("the runs share no feature network, so there is no common FD to plot; evaluate them "
                          "with the same feature network (symeq eval --features FILE) or leave out the plot")
     lines = ["# symeq run comparison", "", *_comparison_warnings(names, reports)]
     lines += ["", *table(["metric", *names], _comparison_rows(reports))]

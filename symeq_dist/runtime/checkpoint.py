@@ -33,13 +33,14 @@ from deepspeed.checkpoint import ds_to_universal
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
+from symeq_dist.errors import InputError
 from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
 from symeq_dist.runtime.engines import Engines
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
     """A checkpoint is missing or does not fit this run; the message names the fix."""
 
 

@@ -22,7 +22,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from symeq_dist.config import EngineConfig, RunConfig
+from symeq_dist.config import ConfigError, EngineConfig, RunConfig
+from symeq_dist.errors import MissingInput
 from symeq_dist.runtime.dist import DistInfo
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,14 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; set engines.ds_config to the shared DeepSpeed JSON "
+        raise MissingInput(f"{path} not found; set engines.ds_config to the shared DeepSpeed JSON "
                                 f"(the repository root has ds_config.json)")
     base = json.loads(path.read_text())
     for key, home in FORBIDDEN_KEYS.items():
         if key in base:
-            raise ValueError(f"{path}: '{key}' must not be set here; it has one home in the run config: {home}")
+            raise ConfigError(f"{path}: '{key}' must not be set here; it has one home in the run config: {home}")
     if "gradient_clipping" not in base:
-        raise ValueError(f"{path}: set 'gradient_clipping' explicitly (0.0 = off, as in the paper); "
+        raise ConfigError(f"{path}: set 'gradient_clipping' explicitly (0.0 = off, as in the paper); "
                          "DeepSpeed silently clips at 1.0 when the key is missing")
     return base
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from symeq_dist import sampling
-from symeq_dist.config import RunConfig
+from symeq_dist.config import ConfigError, RunConfig
 from symeq_dist.data import add_noise, to_float
 from symeq_dist.game import Game, MIMonitor, Round, Terms
 from symeq_dist.models import Players
@@ -80,7 +80,7 @@ class Trainer:
             return None
         stages = {name: zero_stage(engine) for name, engine in self.engines.items()}
         if max(stages.values()) > 2:
-            raise ValueError(f"game.grad_spike needs ZeRO stage <= 2 (engines: {stages}); set game.grad_spike=0 "
+            raise ConfigError(f"game.grad_spike needs ZeRO stage <= 2 (engines: {stages}); set game.grad_spike=0 "
                              "or lower engines.*.zero_stage")
         return GradGuard({name: engine.module for name, engine in self.engines.items()},
                          factor=game_cfg.grad_spike, warmup=game_cfg.grad_spike_warmup, state=self.state.grad_norms)

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from symeq_dist.errors import InputError
+
 _Extractor = TypeVar("_Extractor", bound="FeatureExtractor")
 LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
                zipfile.BadZipFile, UnicodeDecodeError)
@@ -47,10 +49,10 @@ def load_file(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except LOAD_ERRORS as err:
-        raise ValueError(f"{path} is not {what} (torch.load failed: {str(err).splitlines()[0][:200]}); {fix}") \
+        raise InputError(f"{path} is not {what} (torch.load failed: {str(err).splitlines()[0][:200]}); {fix}") \
             from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} is not {what} (it holds a {type(loaded).__name__}, not a dict); {fix}")
+        raise InputError(f"{path} is not {what} (it holds a {type(loaded).__name__}, not a dict); {fix}")
     return loaded
 
 

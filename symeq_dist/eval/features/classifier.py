@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from symeq_dist.config import DataConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
+from symeq_dist.errors import InputError, MissingInput
 from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, save_atomic, sha256
 from symeq_dist.eval.probe import single_thread
 
@@ -38,7 +39,7 @@ class _ConvClassifier(nn.Module):
         super().__init__()
         channels, height, width = image_shape
         if height < 4 or width < 4:
-            raise ValueError(f"the classifier needs images of at least 4 x 4 pixels, got {image_shape}")
+            raise InputError(f"the classifier needs images of at least 4 x 4 pixels, got {image_shape}")
         self.body = nn.Sequential(
             nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, H/2, W/2)
             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/4, W/4)
@@ -75,7 +76,7 @@ class ClassifierFeatures(FeatureExtractor):
 
     def _check(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"{self.name} embeds images of shape (B, {', '.join(map(str, self.image_shape))}) "
+            raise InputError(f"{self.name} embeds images of shape (B, {', '.join(map(str, self.image_shape))}) "
                              f"in [0, 1], got {tuple(images.shape)}: pass images of the classifier's dataset")
         return images.to(torch.float32)
 
@@ -96,7 +97,7 @@ def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: in
         ValueError: the shards lack a "train" or "valid" split, or bad epochs/batch_size/feature_dim.
     """
     if epochs < 1 or batch_size < 1 or feature_dim < 1:
-        raise ValueError(f"epochs={epochs}, batch_size={batch_size}, feature_dim={feature_dim}: all must be >= 1")
+        raise InputError(f"epochs={epochs}, batch_size={batch_size}, feature_dim={feature_dim}: all must be >= 1")
     start = time.perf_counter()
     manifest = load_manifest(shards_dir)
     image_shape, num_classes = tuple(manifest["image_shape"]), int(manifest["num_classes"])
@@ -124,12 +125,12 @@ def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: in
 def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) -> tuple[Tensor, Tensor]:
     """A whole split in memory, in shard order: images float (N, C, H, W) in [0, 1], labels int64 (N,)."""
     if split not in manifest["splits"]:
-        raise ValueError(f"the shards in {shards_dir} have no {split!r} split (they have "
+        raise InputError(f"the shards in {shards_dir} have no {split!r} split (they have "
                          f"{sorted(manifest['splits'])}); the classifier trains on 'train' and reports "
                          "accuracy on 'valid': rewrite the shards with `symeq shards ...`")
     label = manifest.get("label", {"kind": "class"})
     if label is None or label.get("kind") != "class":
-        raise ValueError(f"the shards in {shards_dir} have no class labels (label: {label}); the FD-clf "
+        raise InputError(f"the shards in {shards_dir} have no class labels (label: {label}); the FD-clf "
                          "classifier needs them: train it on labelled shards, or use FID (--inception-weights)")
     cfg = DataConfig(shards=str(shards_dir), binarize_threshold=None, noise="none")
     images, labels = [], []
@@ -137,7 +138,7 @@ def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) ->
         images.append(to_float(batch["image"], cfg))
         labels.append(batch["label"].to(torch.int64))
     if not labels:
-        raise ValueError(f"the {split!r} split of {shards_dir} is empty; rewrite the shards")
+        raise InputError(f"the {split!r} split of {shards_dir} is empty; rewrite the shards")
     return torch.cat(images), torch.cat(labels)
 
 
@@ -176,18 +177,18 @@ def load_classifier_features(path: str | Path) -> ClassifierFeatures:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no classifier checkpoint at {path}: {TRAIN_FEATURES_HINT} "
+        raise MissingInput(f"no classifier checkpoint at {path}: {TRAIN_FEATURES_HINT} "
                                 "(it writes <shards>/classifier.pt), or pass --features PATH")
     checkpoint = load_file(path, what="a classifier checkpoint", fix=TRAIN_FEATURES_HINT)
     missing = [key for key in CLASSIFIER_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"{path} is not a classifier checkpoint (it lacks {missing}); {TRAIN_FEATURES_HINT}")
+        raise InputError(f"{path} is not a classifier checkpoint (it lacks {missing}); {TRAIN_FEATURES_HINT}")
     try:
         net = _ConvClassifier(tuple(checkpoint["image_shape"]), int(checkpoint["num_classes"]),
                               int(checkpoint["feature_dim"]))
         net.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} does not fit the classifier architecture ({err}); {TRAIN_FEATURES_HINT}") \
+        raise InputError(f"{path} does not fit the classifier architecture ({err}); {TRAIN_FEATURES_HINT}") \
             from None
     features = ClassifierFeatures(net, checkpoint, sha256(path))
     features.path = str(path)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from symeq_dist.errors import InputError, MissingInput
 from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, sha256
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def load_inception_features(path: str | Path) -> InceptionFeatures:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no Inception weights at {path}: FID needs pytorch-fid's file {INCEPTION_FILE} "
+        raise MissingInput(f"no Inception weights at {path}: FID needs pytorch-fid's file {INCEPTION_FILE} "
                                 "(nothing is downloaded); copy it to $TORCH_HOME/hub/checkpoints/ or pass "
                                 "--inception-weights PATH")
     fix = f"FID needs pytorch-fid's {INCEPTION_FILE}, not torchvision's ImageNet Inception or another file"
@@ -243,7 +244,7 @@ def _check_inception_keys(state: dict[str, Any], template: dict[str, torch.Size]
                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                      ("keys with wrong shapes", shapes)) if items]
     if problems:
-        raise ValueError(f"{path} does not hold the FID Inception weights ({'; '.join(problems)}); {fix}")
+        raise InputError(f"{path} does not hold the FID Inception weights ({'; '.join(problems)}); {fix}")
 
 
 def _shape_of(value: Any) -> tuple[int, ...] | str:
