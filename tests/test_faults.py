@@ -111,8 +111,9 @@ def test_preemption_signal_checkpoints_and_the_rerun_finishes_like_an_uninterrup
         assert same(weights(tmp_path / "full", 120, name), weights(tmp_path / "cut", 120, name)), name
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1], ids=["USR1"])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
 def test_launcher_forwards_a_real_signal(tmp_path: Path, mnist_shards: Path, signum: signal.Signals) -> None:
+    """Every signal the launcher forwards is a preemption signal of the ranks (USR2 used to kill them)."""
     proc = launch(tmp_path / "run", mnist_shards, "train.steps=100000", "checkpoint.every=100000",
                   "monitor.log_every=100000", "monitor.image_every=100000", background=True)
     deadline = time.monotonic() + 120
