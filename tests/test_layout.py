@@ -123,3 +123,31 @@ def test_symeq_train_never_loads_the_offline_converters(tmp_path: Path, mnist_sh
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_every_imported_library_is_a_declared_dependency() -> None:
+    """A fresh `pip install .` must bring every third-party module the package imports (anywhere in a file)."""
+    import importlib.metadata
+
+    import tomllib
+
+    declared = {re.split(r"[<>=!~ \[;]", dep, maxsplit=1)[0].lower().replace("_", "-")
+                for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    owners = importlib.metadata.packages_distributions()  # top-level module -> distributions providing it
+    stdlib = set(sys.stdlib_module_names)
+    missing = {}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
+                continue
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            for top in {name.split(".")[0] for name in names} - stdlib - {"symeq_dist"}:
+                dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                if not dists & declared:
+                    missing.setdefault(top, str(path.relative_to(ROOT)))
+    assert missing == {}, f"imported but not declared in pyproject.toml: {missing}"
