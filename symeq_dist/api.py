@@ -148,16 +148,17 @@ class SampleRequest:
 
 def sample(req: SampleRequest) -> Path:
     """Random-code or limiting-chain samples from a run's latest checkpoint, as a PNG grid."""
-    model = load_trained(req.run_dir)
-    cfg, cpu = model.cfg, model.device
-    gen = make_generators(req.seed, 0, cpu)["grid"]
+    model = load_trained(req.run_dir)  # on the accelerator when there is one
+    cfg, device = model.cfg, model.device
+    gen = make_generators(req.seed, 0, device)["grid"]
     if req.mode == "random":
-        images = sampling.random_code(model.decoder, model.prior, req.num, gen, cpu)
+        images = sampling.random_code(model.decoder, model.prior, req.num, gen, device)
     else:
         from tqdm import tqdm
+        data = _eval_images(cfg, req.num)
         x = sampling.init_chain(cfg.sampling.chain_init, decoder=model.decoder, prior=model.prior, num=req.num,
-                                generator=gen, device=cpu, image_shape=cfg.model.image_shape,
-                                data=_eval_images(cfg, req.num))
+                                generator=gen, device=device, image_shape=cfg.model.image_shape,
+                                data=None if data is None else data.to(device))
         with tqdm(total=req.steps, desc="limiting chain", unit="step") as bar:
             x = sampling.run_chain(model.encoder, model.decoder, x, req.steps, gen, on_step=lambda _: bar.update(1))
         images = sampling.chain_output(model.encoder, model.decoder, x, gen)

@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from symeq_dist import api
 from symeq_dist.api import train as run_training
 from symeq_dist.cli import main
 from symeq_dist.config import load_config
 from symeq_dist.eval.features.classifier import train_classifier
 from symeq_dist.eval.run import EvalOptions, evaluate
-from symeq_dist.runtime import checkpoint
+from symeq_dist.runtime import checkpoint, dist
 from tests.conftest import tiny_overrides
 
 
@@ -91,3 +93,24 @@ def test_eval_with_missing_or_wrong_inception_weights(runs: dict[str, Path], cla
 def test_eval_without_classifier_names_the_command(runs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="symeq eval train-features"):
         evaluate(_opts(runs["symmetric"], tmp_path / "none.pt"))
+
+
+def test_eval_and_sample_use_the_accelerator_when_present(monkeypatch: pytest.MonkeyPatch, runs: dict[str, Path],
+                                                          classifier: Path, tmp_path: Path) -> None:
+    """`symeq eval` and `symeq sample` place the players on `dist.local_device()`: the GPU when CUDA is there
+    (this machine has none: the choice is checked with torch.cuda.is_available patched, the runs on the CPU)."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist.local_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist.local_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the CPU fallback stays selectable
+    assert dist.local_device() == torch.device("cpu")
+
+    asked = []
+    monkeypatch.setattr(dist, "local_device", lambda: asked.append(1) or torch.device("cpu"))
+    api.sample(api.SampleRequest(run_dir=runs["symmetric"], mode="random", num=4, out=tmp_path / "g.png"))
+    assert len(asked) == 1
+    api.evaluate(_opts(runs["symmetric"], classifier, n=20))
+    assert len(asked) == 2

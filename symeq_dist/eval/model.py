@@ -13,7 +13,7 @@ import torch
 from symeq_dist.config import RunConfig, config_from_dict
 from symeq_dist.models import Players, build_players
 from symeq_dist.priors import Prior, build_prior
-from symeq_dist.runtime import checkpoint
+from symeq_dist.runtime import checkpoint, dist
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,13 @@ class TrainedModel:
 
 
 def load_trained(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
-    """Players with the latest checkpoint's weights, in eval mode, on `device` (default CPU).
+    """Players with the latest checkpoint's weights, in eval mode, on `device` (default: the accelerator when
+    there is one, else the CPU: `runtime.dist.local_device`).
 
     Raises:
         CheckpointError: the run has no checkpoint, or its files do not load.
     """
-    device = device or torch.device("cpu")
+    device = device or dist.local_device()
     meta = checkpoint.load_meta(run_dir)
     cfg = config_from_dict(meta["config"])
     players = build_players(cfg.model)

@@ -6,7 +6,8 @@ image of one more step), (c) reconstructions, in the features of every available
 own classifier always, InceptionV3 only from a local weights file); the consistency gap (limiting minus
 random code); per-latent mutual information of both players; a reconstruction error; a linear probe of
 the labels on the encoder's codes; a t-SNE figure of prior, posterior and limiting-chain codes.
-Images are generated and embedded in chunks: memory stays bounded whatever `n` is. Single process.
+Images are generated and embedded in chunks: memory stays bounded whatever `n` is. Single process, on the
+accelerator when there is one (`runtime.dist.local_device`), else the CPU.
 """
 
 from __future__ import annotations
@@ -61,16 +62,17 @@ def _default_inception() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_extractors(opts: EvalOptions, cfg: RunConfig) -> tuple[dict[str, FeatureExtractor], str | None]:
+def load_extractors(opts: EvalOptions, cfg: RunConfig,
+                    device: torch.device) -> tuple[dict[str, FeatureExtractor], str | None]:
     """The classifier (required) and Inception (when a weights file is given or found); reason if FID is skipped."""
     classifier = load_classifier_features(opts.features or Path(cfg.data.shards) / "classifier.pt")
-    extractors: dict[str, FeatureExtractor] = {classifier.name: classifier}
+    extractors: dict[str, FeatureExtractor] = {classifier.name: classifier.to(device)}
     weights = opts.inception_weights or _default_inception()
     if weights is None:
         return extractors, (f"no Inception weights: pass --inception-weights PATH to {INCEPTION_FILE} "
                             "(pytorch-fid's file; nothing is downloaded)")
     inception = load_inception_features(weights)
-    extractors[inception.name] = inception
+    extractors[inception.name] = inception.to(device)
     return extractors, None
 
 
@@ -80,7 +82,8 @@ def _reference_split(cfg: RunConfig) -> str:
     return cfg.data.eval_split if counts.get(cfg.data.eval_split, 0) >= 5000 else cfg.data.split
 
 
-def _data_batches(cfg: RunConfig, split: str, n: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
+def _data_batches(cfg: RunConfig, split: str, n: int, batch_size: int,
+                  device: torch.device) -> Iterator[dict[str, Tensor]]:
     """At most n images of a split, in shard order, as the model saw them (binarised or scaled)."""
     seen = 0
     for batch in build_eval_batches(cfg.data, split=split, batch_size=batch_size):
@@ -90,7 +93,7 @@ def _data_batches(cfg: RunConfig, split: str, n: int, batch_size: int) -> Iterat
         seen += take
         label = batch.get("label")
         has_class = label is not None and label.ndim == 1  # attribute vectors are not classes
-        yield {"x": to_float(batch["image"][:take], cfg.data), "label": label[:take] if has_class else None}
+        yield {"x": to_float(batch["image"][:take], cfg.data).to(device), "label": label[:take] if has_class else None}
 
 
 class Sets:
@@ -98,19 +101,20 @@ class Sets:
 
     def __init__(self, model: TrainedModel, seed: int, chain_steps: int) -> None:
         self.model, self.chain_steps = model, chain_steps
-        self.gens = {name: torch.Generator().manual_seed(seed * 1000 + i) for i, name in enumerate(SETS)}
+        self.gens = {name: torch.Generator(device=model.device).manual_seed(seed * 1000 + i)
+                     for i, name in enumerate(SETS)}
 
     @torch.no_grad()
     def random_code(self, num: int) -> Tensor:
         m = self.model
-        return sampling.random_code(m.decoder, m.prior, num, self.gens["random_code"], torch.device("cpu"))
+        return sampling.random_code(m.decoder, m.prior, num, self.gens["random_code"], m.device)
 
     @torch.no_grad()
     def limiting_chain(self, num: int, on_step: Callable[[int], None]) -> tuple[Tensor, dict[str, Tensor]]:
         """Chain images after `chain_steps` steps, and the encoder's codes of the final chain state."""
         m, gen = self.model, self.gens["limiting_chain"]
         x = sampling.init_chain("random_code", decoder=m.decoder, prior=m.prior, num=num, generator=gen,
-                                device=torch.device("cpu"), image_shape=m.cfg.model.image_shape)
+                                device=m.device, image_shape=m.cfg.model.image_shape)
         x = sampling.run_chain(m.encoder, m.decoder, x, self.chain_steps, gen, on_step=on_step)
         z, _ = m.encoder.sample(x, m.decoder, gen)
         return sampling.output_image(m.decoder.x_dist(z)), z
@@ -145,9 +149,9 @@ class Accumulators:
         have = sum(len(c) for c in self.codes[set_name])
         take = max(0, min(len(codes), self.tsne_points - have))
         if take:
-            self.codes[set_name].append(codes[:take].reshape(take, -1).float())
+            self.codes[set_name].append(codes[:take].reshape(take, -1).float().cpu())
             if labels is not None:
-                self.labels[set_name].append(labels[:take])
+                self.labels[set_name].append(labels[:take].cpu())
 
     def mi_table(self) -> dict[str, dict[str, dict[str, float | int]]]:
         table: dict[str, dict[str, dict[str, float | int]]] = {"encoder": {}, "decoder": {}}
@@ -198,7 +202,7 @@ def _generated_pass(model: TrainedModel, acc: Accumulators, opts: EvalOptions, s
         acc.embed("limiting_chain", chain_images)
         acc.add_codes("limiting", codes[top], _classify(classifier, chain_images))
         with torch.no_grad():
-            z_top = model.prior.sample(num, gen, torch.device("cpu"))
+            z_top = model.prior.sample(num, gen, model.device)
             z, _, dists = model.decoder.sample(z_top, gen)
         acc.add_mi("decoder", dists, num)
         acc.add_codes("prior", z_top, _classify(classifier, sampling.output_image(model.decoder.x_dist(z))))
@@ -214,10 +218,10 @@ def _probe(model: TrainedModel, opts: EvalOptions, gen: torch.Generator) -> dict
 
     def codes(split: str) -> tuple[Tensor, Tensor]:
         zs, ys = [], []
-        for batch in _data_batches(cfg, split, 1 << 62, opts.batch_size):  # whole splits, whatever n is
+        for batch in _data_batches(cfg, split, 1 << 62, opts.batch_size, model.device):  # whole splits
             with torch.no_grad():
                 _, dists = model.encoder.sample(batch["x"], model.decoder, gen)
-            zs.append(torch.cat([d.mean().reshape(len(batch["x"]), -1).float() for d in dists.values()], 1))
+            zs.append(torch.cat([d.mean().reshape(len(batch["x"]), -1).float() for d in dists.values()], 1).cpu())
             ys.append(batch["label"])
         return torch.cat(zs), torch.cat(ys)
 
@@ -253,14 +257,15 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         FileNotFoundError / ValueError: a missing or wrong classifier or Inception weights file.
     """
     model = load_trained(opts.run_dir)
-    extractors, fid_skipped = load_extractors(opts, model.cfg)
+    extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
     acc = Accumulators(extractors, opts.tsne_points)
-    sets, gen = Sets(model, opts.seed, opts.chain_steps), torch.Generator().manual_seed(opts.seed)
+    sets, gen = Sets(model, opts.seed, opts.chain_steps), torch.Generator(device=model.device).manual_seed(opts.seed)
     ref_n = min(opts.n, load_manifest(model.cfg.data.shards)["splits"][ref_split]["num_samples"])
     total = ref_n + opts.n * (opts.chain_steps + 2)
     with tqdm(total=total, desc="eval", unit="img", disable=not opts.progress, dynamic_ncols=True) as bar:
-        _data_pass(model, acc, _data_batches(model.cfg, ref_split, opts.n, opts.batch_size), sets, gen, bar)
+        batches = _data_batches(model.cfg, ref_split, opts.n, opts.batch_size, model.device)
+        _data_pass(model, acc, batches, sets, gen, bar)
         _generated_pass(model, acc, opts, sets, gen, bar)
     fd, gap = _fd_results(acc)
     out_dir = opts.run_dir / "eval"
@@ -277,7 +282,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "reconstruction_error": {"metric": "pixel error rate (mode image)" if model.cfg.data.binarize_threshold
                                  is not None else "mean squared error (mean image)",
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
-        "probe": _probe(model, opts, torch.Generator().manual_seed(opts.seed)),
+        "probe": _probe(model, opts, torch.Generator(device=model.device).manual_seed(opts.seed)),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
     write_report(out_dir, results)

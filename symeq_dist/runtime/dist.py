@@ -42,6 +42,14 @@ def _use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
+def local_device() -> torch.device:
+    """The device of a single-process job (`symeq eval`, `symeq sample`): this process's GPU when CUDA is
+    available and DS_ACCELERATOR is not "cpu" (cuda:LOCAL_RANK, default 0), else the CPU."""
+    if _use_cuda():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init(timeout_s: float = 600.0) -> DistInfo:
     """Initialise torch.distributed once (gloo on CPU, NCCL on CUDA) and return this process's ranks.
 
