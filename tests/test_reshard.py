@@ -84,14 +84,16 @@ def test_two_one_two_ranks_keep_weights_and_adam_state(tmp_path: Path, mnist_sha
 
 
 def test_reshard_rank_states_order() -> None:
-    old = [{"train": {"step": 7}, "stream": {"batches": 7, "rank": r}, "mi": {"r": r},
+    old = [{"train": {"step": 7}, "stream": {"batches": 7, "rank": r, "skipped": r + 1}, "mi": {"r": r},
             "chain": torch.full((2, 1, 2, 2), float(r)), "gens": {}, "torch_rng": torch.zeros(1)} for r in range(3)]
     rows = [checkpoint.reshard_rank_states(old, rank=r, world_size=2, num_chains=6)["chain"][:, 0, 0, 0].tolist()
             for r in range(2)]
     assert rows == [[0.0, 0.0, 1.0], [1.0, 2.0, 2.0]]
     one = checkpoint.reshard_rank_states(old, rank=3, world_size=4, num_chains=6)  # 1 row each: rows 3
     assert one["chain"][:, 0, 0, 0].tolist() == [1.0]
-    assert (one["gens"], one["torch_rng"], one["stream"], one["mi"]) == (None, None, old[0]["stream"], {"r": 0})
+    assert (one["gens"], one["torch_rng"], one["mi"]) == (None, None, {"r": 0})
+    assert one["stream"] == {**old[0]["stream"], "skipped": 0}  # new rank 0 carries all old ranks' skips
+    assert checkpoint.reshard_rank_states(old, rank=0, world_size=4, num_chains=6)["stream"]["skipped"] == 1 + 2 + 3
     wrapped = checkpoint.reshard_rank_states(old[:1], rank=0, world_size=1, num_chains=6)  # fewer rows: cyclic
     assert wrapped["chain"].shape[0] == 6
     old[2]["train"] = {"step": 6}
@@ -121,3 +123,30 @@ def test_resume_on_one_rank_names_a_missing_or_broken_file(tmp_path: Path, mnist
     shard.unlink()
     with pytest.raises(checkpoint.CheckpointError, match=r"decoder lacks the ZeRO optimizer partitions of ranks \[1\]"):
         run_training(resume)
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_skipped_sample_count_stays_global_across_a_reshard(tmp_path: Path, mnist_shards: Path) -> None:
+    """data/skipped counts the bad samples of all ranks: 2 ranks for 3 steps, then 1 rank for 3 more, logs the
+    same count at every step as 2 ranks for 6 steps (the global sample order, hence the bad samples met, does
+    not depend on the number of ranks)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(mnist_shards, shards)
+    for path in sorted(shards.glob("mnist-train-*.tar"))[1::2]:  # every other train shard loses its block
+        path.write_bytes(path.read_bytes()[:1000])
+    common = ["data.bad_samples=skip", "train.batch_size=32", "checkpoint.every=3", "monitor.image_every=100"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun(2, "full", [*tiny_overrides(full, shards, *common), "train.steps=6"])
+    torchrun(2, "a", [*tiny_overrides(cut, shards, *common), "train.steps=3"])
+    torchrun(1, "b", [*tiny_overrides(cut, shards, *common), "train.steps=6", "resume=true"])
+    expected, got = _scalars(full, "data/skipped"), _scalars(cut, "data/skipped")
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert 0 < expected[3] < expected[6]  # both halves of the run met bad samples
+    assert [got[s] for s in range(1, 7)] == [expected[s] for s in range(1, 7)]

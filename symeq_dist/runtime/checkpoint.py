@@ -119,8 +119,9 @@ def load(run_dir: str | Path, engines: Engines, info: DistInfo) -> tuple[dict[st
         `mp_rank_00_model_states.pt` and load it as is.
       - the rank state is rebuilt from all old `rank_XXXXX.pt` files, in the format `Trainer.rank_state`
         writes: "train", "stream" and "mi" from old rank 0 (the stream continues the epoch order on the
-        new layout itself); "chain" = the old ranks' chains concatenated in rank order (old rank 0's rows
-        first), of which new rank r takes rows [r*n, (r+1)*n) with n = max(1, num_chains // world_size),
+        new layout itself), except the stream's count of skipped bad samples: new rank 0 gets the old ranks'
+        total and the others 0, so the count summed over ranks (data/skipped) stays global and exact;
+        "chain" = the old ranks' chains concatenated in rank order (old rank 0's rows first), of which new rank r takes rows [r*n, (r+1)*n) with n = max(1, num_chains // world_size),
         wrapping around when there are fewer rows; "gens" and "torch_rng" are None (the trainer re-derives
         the per-rank generators from (seed, rank, step)).
     meta is returned as written (its "world_size" is the old one).
@@ -195,8 +196,10 @@ def reshard_rank_states(old: list[dict[str, Any]], *, rank: int, world_size: int
     num = max(1, num_chains // world_size)
     rows = torch.arange(rank * num, (rank + 1) * num) % chains.shape[0]
     first = old[0]
-    return {"train": first["train"], "stream": first["stream"], "chain": chains[rows].clone(),
-            "mi": first["mi"], "gens": None, "torch_rng": None}
+    # Bad samples dropped so far by all old ranks: new rank 0 carries the total, so the ranks' sum stays global.
+    skipped = sum(int(state["stream"].get("skipped", 0)) for state in old) if rank == 0 else 0
+    return {"train": first["train"], "stream": {**first["stream"], "skipped": skipped},
+            "chain": chains[rows].clone(), "mi": first["mi"], "gens": None, "torch_rng": None}
 
 
 def _load_resharded(target: Path, engines: Engines, info: DistInfo, old_world: int) -> dict[str, str]:
