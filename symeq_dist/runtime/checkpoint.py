@@ -121,8 +121,9 @@ def load(run_dir: str | Path, engines: Engines, info: DistInfo) -> tuple[dict[st
         writes: "train", "stream" and "mi" from old rank 0 (the stream continues the epoch order on the
         new layout itself), except the stream's count of skipped bad samples: new rank 0 gets the old ranks'
         total and the others 0, so the count summed over ranks (data/skipped) stays global and exact;
-        "chain" = the old ranks' chains concatenated in rank order (old rank 0's rows first), of which new rank r takes rows [r*n, (r+1)*n) with n = max(1, num_chains // world_size),
-        wrapping around when there are fewer rows; "gens" and "torch_rng" are None (the trainer re-derives
+        "chain" = the old ranks' chains concatenated in rank order (old rank 0's rows first), of which new
+        rank r takes rows [r*n, (r+1)*n) with n = max(1, num_chains // world_size), wrapping around when
+        there are fewer rows; "gens" and "torch_rng" are None (the trainer re-derives
         the per-rank generators from (seed, rank, step)).
     meta is returned as written (its "world_size" is the old one).
 
