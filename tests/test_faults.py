@@ -37,8 +37,7 @@ def launch(run_dir: Path, shards: Path, *extra: str, fault: str = "", grace: flo
 
 
 def weights(run_dir: Path, step: int, name: str) -> dict[str, torch.Tensor]:
-    meta = checkpoint.load_meta(run_dir)
-    return checkpoint._engine_state_dict(checkpoint.step_dir(run_dir, step), name, meta["zero_stages"][name])
+    return checkpoint.read_weights(checkpoint.step_dir(run_dir, step))[name]
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -49,8 +49,7 @@ def output(run_dir: Path, job: int) -> str:
 
 
 def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    meta = checkpoint.load_meta(run_dir)
-    return checkpoint._engine_state_dict(checkpoint.latest_dir(run_dir), name, meta["zero_stages"][name])
+    return checkpoint.read_weights(checkpoint.latest_dir(run_dir))[name]
 
 
 def test_two_node_job_trains_and_finishes(slurm_cluster: Cluster, tmp_path: Path, mnist_shards: Path) -> None:

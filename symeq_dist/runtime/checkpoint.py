@@ -5,6 +5,7 @@ Layout (STYLE.md §3.3):
     <run_dir>/checkpoints/step_00000500/encoder/...      engine.save_checkpoint(step_dir, tag="encoder"), all ranks
     <run_dir>/checkpoints/step_00000500/decoder/...      (ELBO: a single "joint" engine)
     <run_dir>/checkpoints/step_00000500/rank_00000.pt    TrainState, RNG states, stream position, chain, MI EMAs
+    <run_dir>/checkpoints/step_00000500/weights.pt       {"encoder": state dict, "decoder": state dict}, fp32 (rank 0)
     <run_dir>/checkpoints/step_00000500/meta.json        step, world size, engine names, config (rank 0, last)
     <run_dir>/checkpoints/step_00000500/universal/<engine>/   DeepSpeed universal form, made on the first resume
                                                                on another number of ranks (ZeRO 1-3 engines only)
@@ -13,6 +14,11 @@ Layout (STYLE.md §3.3):
 A checkpoint is complete or invisible: `latest` only ever names a directory whose every file was
 written. The last `keep_last` complete checkpoints are kept. `load` resumes on the same or on another
 number of ranks (docs/resume.md). Must not import game.
+
+Loading runs no pickled code from the project's own files: `rank_*.pt` and `weights.pt` hold tensors and
+plain types and are read with `torch.load(weights_only=True)`; `symeq sample` and `symeq eval` read only
+`weights.pt` and `meta.json`. Resuming also loads DeepSpeed's engine files (`encoder/`, `decoder/`, `joint/`,
+`universal/`), which DeepSpeed unpickles: resume only runs you trust.
 """
 
 from __future__ import annotations
@@ -30,14 +36,15 @@ from typing import Any
 
 import torch
 from deepspeed.checkpoint import ds_to_universal
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 
 from symeq_dist.errors import InputError
 from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
-from symeq_dist.runtime.engines import Engines
+from symeq_dist.runtime.engines import Engines, consolidated_weights
 
 log = logging.getLogger(__name__)
+WEIGHTS_FILE = "weights.pt"
+PLAYERS = ("encoder", "decoder")
 
 
 class CheckpointError(InputError):
@@ -82,12 +89,12 @@ def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str,
     barrier(info)
     for name, engine in engines.items():
         engine.save_checkpoint(str(target), tag=name, client_state={"step": step}, save_latest=False)
+    weights = _player_weights({name: consolidated_weights(engine) for name, engine in engines.items()})
     target.mkdir(parents=True, exist_ok=True)
-    buffer_path = target / f"rank_{info.rank:05d}.pt"
-    torch.save(rank_state, buffer_path.with_suffix(".tmp"))
-    os.replace(buffer_path.with_suffix(".tmp"), buffer_path)
+    _atomic_save(rank_state, target / f"rank_{info.rank:05d}.pt")
     barrier(info)
     if info.is_main:
+        _atomic_save(weights, target / WEIGHTS_FILE)
         full_meta = {**meta, "step": step, "world_size": info.world_size,
                      "engines": [name for name, _ in engines.items()],
                      "zero_stages": {name: int(e.zero_optimization_stage()) for name, e in engines.items()}}
@@ -97,6 +104,26 @@ def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str,
     barrier(info)
     log.info("checkpoint %s written", target)
     return target
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _player_weights(by_engine: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per player: an engine named after a player holds its weights; a joint engine's keys are
+    "<player>.<parameter>" (the attributes of `models.JointModule`)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, state in by_engine.items():
+        if name in PLAYERS:
+            out[name] = state
+            continue
+        for key, value in state.items():
+            player, _, rest = key.partition(".")
+            out.setdefault(player, {})[rest] = value
+    return out
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
@@ -178,8 +205,8 @@ def _check_stages(target: Path, meta: dict[str, Any], engines: Engines) -> None:
 def _read_rank_state(target: Path, rank: int, old_world: int) -> dict[str, Any]:
     path = target / f"rank_{rank:05d}.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # missing, truncated or not a torch file: all mean the same fix
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
+    except Exception as err:  # missing, truncated, not a torch file, or pickled code: all mean the same fix
         raise CheckpointError(
             f"cannot read {path} ({type(err).__name__}: {err}); the checkpoint was written by {old_world} "
             f"ranks and needs all their rank_*.pt files: restore it, or point {target.parent}/latest at an "
@@ -293,23 +320,33 @@ def load_meta(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((target / "meta.json").read_text())
 
 
-def _engine_state_dict(target: Path, name: str, stage: int) -> dict[str, torch.Tensor]:
-    if stage >= 3:  # parameters are partitioned: consolidate the fp32 shards
-        return get_fp32_state_dict_from_zero_checkpoint(str(target), tag=name)
-    states = torch.load(target / name / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return states["module"]
+def read_weights(target: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """`<step dir>/weights.pt`: player -> fp32 state dict, read with weights_only=True (no pickled code runs)."""
+    return torch.load(Path(target) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
 
 
 def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module) -> int:
-    """Load the latest checkpoint's weights into plain modules (no engines, one process). Returns the step."""
+    """Load the latest checkpoint's `weights.pt` into plain modules (no engines, no DeepSpeed files, no pickled
+    code: `weights_only=True`). Returns the step.
+
+    Raises:
+        CheckpointError: no checkpoint, no `weights.pt` (written by an older symeq-dist), or a file that does
+            not load or does not fit the modules; the message names the file and the fix.
+    """
     target = latest_dir(run_dir)
     meta = load_meta(run_dir)
     assert target is not None
-    for name in meta["engines"]:
-        state = {k: v.float() for k, v in _engine_state_dict(target, name, meta["zero_stages"][name]).items()}
-        if name == "joint":
-            for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
-                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        else:
-            {"encoder": encoder, "decoder": decoder}[name].load_state_dict(state)
+    path = target / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint was written by an older symeq-dist. Resume the run "
+                              f"for one step with this version (symeq train {Path(run_dir) / 'config.yaml'} "
+                              f"resume=true train.steps={int(meta['step']) + 1}) to write it")
+    try:
+        weights = read_weights(target)
+        for name, module in (("encoder", encoder), ("decoder", decoder)):
+            module.load_state_dict(weights[name])
+    except Exception as err:
+        raise CheckpointError(f"cannot load {path} into this run's players ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:300]}); point {target.parent}/latest at an older "
+                              "complete step_* directory") from err
     return int(meta["step"])

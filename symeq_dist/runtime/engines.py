@@ -145,6 +145,20 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def consolidated_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """The engine's module state dict in full fp32 on the CPU, on every rank: the optimiser's fp32 master weights
+    where it keeps them (bf16, ZeRO 1-3), else the module's own. Collective at ZeRO 1-3: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for key, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[key] = (param.detach() if full is None else full).float().cpu().clone()
+    for key, buffer in engine.module.named_buffers():
+        state[key] = buffer.detach().cpu().clone()
+    return state
+
+
 def discard_gradients(engine: Any) -> None:
     """Throw away the gradients of a backward whose step is skipped, as DeepSpeed's own overflow path does.
 
