@@ -1,16 +1,17 @@
 """The ONE training loop. The order of one iteration is the method, so here it is in full.
 
-game.kind = symmetric, game.schedule = alternating (reference order, METHOD.md §4.1), per micro-batch:
-  1. x0 <- next data batch (uint8, this rank's micro batch); x <- binarise/scale(x0) + noise   [data RNG]
-  2. no_grad: z ~ q_phi(z | x), ancestral through the encoder                                 [wake RNG]
-  3. decoder engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; [with
-     game.grad_spike: ranks agree no local gradient norm is non-finite or spiking]; step
-  4. no_grad: z'_0 ~ pi, (z', x') ~ p_theta with the UPDATED theta                            [dream RNG]
-  5. encoder engine: the same checks for -log q_phi(z' | x'); backward; step
+game.kind = symmetric, game.schedule = alternating (reference order, METHOD.md §4.1):
+  1. x0 <- next data batch for each of the train.grad_accumulation micro-batches (uint8, this rank's
+     micro batch); x <- binarise/scale(x0) + noise                                             [data RNG]
+  2-3. for each micro-batch: no_grad z ~ q_phi(z | x), ancestral through the encoder [wake RNG]; decoder
+     engine: loss = -log p_theta(x, z); ranks agree the loss is finite; backward; [with game.grad_spike:
+     ranks agree no local gradient norm is non-finite or spiking]; step (the update lands at the last)
+  4-5. for each micro-batch: no_grad z'_0 ~ pi, (z', x') ~ p_theta with the UPDATED theta [dream RNG];
+     encoder engine: the same checks for -log q_phi(z' | x'); backward; step
   A failed check in 3 skips both players on every rank; in 5 (the decoder has already stepped) it skips
   the encoder on every rank. Skips are counted (sys/skipped_steps) and capped (game.max_consecutive_skips).
-schedule = simultaneous: 2 and 4 both run first (same theta, phi), then 3 and 5 with both backwards
-  before either step, so any failed check skips both players.
+schedule = simultaneous: per micro-batch, 2 and 4 both run first (same theta, phi), then 3 and 5 with both
+  backwards before either step, so any failed check skips both players.
 game.kind = elbo: one joint engine; loss = -ELBO(x) (reparametrised / ZGR); backward; step; a no_grad
 dream feeds the decoder's MI monitor only.
 The game (registry `symeq_dist.game.GAMES`) supplies the engines' modules and their losses in update
@@ -22,7 +23,8 @@ Then, once per iteration on every rank (ZeRO-3 forwards are collective):
      every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
   9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
      raise Preempted (the CLI exits 75, the sbatch script requeues).
-Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary.
+Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary. A skip with
+train.grad_accumulation > 1 stops the run (gradients already accumulated cannot be taken back).
 """
 
 from __future__ import annotations
@@ -159,27 +161,38 @@ class Trainer:
             terms = replace(terms, loss=self.faults.first_loss(terms.loss, self.state.step + 1, self.info.rank))
         return terms
 
-    def _micro(self) -> bool:
-        """One micro-batch of the game; False if the update was skipped on every rank."""
-        rnd = Round(x=self._next_x(), num_dreams=self.micro, gens=self.gens)
+    def _play(self, rounds: list[Round]) -> bool:
+        """One iteration of the game over its micro-batches; False if the update was skipped on every rank.
+
+        Alternating: each engine takes all its micro-batches (DeepSpeed updates at the last) before the next
+        engine's loss is computed, so the encoder dreams from the updated decoder in every micro-batch and an
+        iteration is the single-batch algorithm at the global batch. Simultaneous: per micro-batch, every
+        loss, then every backward, then every step.
+        """
         names = list(self.game.losses)
         if self.cfg.game.schedule == "simultaneous" and len(names) > 1:
-            terms = {name: self._loss(name, rnd) for name in names}  # all from the same (theta, phi)
-            ok = self._agree_finite(sum(t.loss for t in terms.values()))
-            if ok:  # every backward first, so a bad gradient of either skips both
-                for name, t in terms.items():
+            for rnd in rounds:
+                terms = {name: self._loss(name, rnd) for name in names}  # all from the same (theta, phi)
+                if not self._agree_finite(sum(t.loss for t in terms.values())):
+                    return False
+                for name, t in terms.items():  # every backward first, so a bad gradient of either skips both
                     self.engines[name].backward(t.loss)
-                ok = self._step_all(terms)
-        else:  # alternating: each loss is computed after the previous engine stepped
-            ok = all(self._update(name, self._loss(name, rnd)) for name in names)
-        if ok and self.state.step % self.cfg.monitor.mi_every == 0:
-            for player, dists in self.game.monitored(rnd).items():
-                self.mi.update(player, dists)
-        return ok
+                if not self._step_all(terms):
+                    return False
+        else:
+            for name in names:
+                if not all(self._update(name, self._loss(name, rnd)) for rnd in rounds):
+                    return False
+        if self.state.step % self.cfg.monitor.mi_every == 0:
+            for rnd in rounds:
+                for player, dists in self.game.monitored(rnd).items():
+                    self.mi.update(player, dists)
+        return True
 
     def _iteration(self) -> None:
-        ok = all(self._micro() for _ in range(self.cfg.train.grad_accumulation))
-        if not ok:
+        rounds = [Round(x=self._next_x(), num_dreams=self.micro, gens=self.gens)
+                  for _ in range(self.cfg.train.grad_accumulation)]
+        if not self._play(rounds):
             self._skip()
         else:
             self.state.consecutive_skips = 0
