@@ -28,25 +28,29 @@ def _ensure_shards(path: Path) -> None:
         write_mnist_shards(path)
 
 
-def run_demo(config: Path = DEMO_CONFIG) -> Path:
+def run_demo(config: Path = DEMO_CONFIG, overrides: list[str] | None = None, chain_steps: int = 1000) -> Path:
+    """Shards (written once), a symmetric run of `config` (+ dotted overrides), final grids (random code, and
+    the limiting chain after `chain_steps` steps) and a summary."""
     run_dir = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    cfg = load_config(config, [f"run_dir={run_dir}"])
+    overrides = [f"run_dir={run_dir}", *(overrides or [])]
+    cfg = load_config(config, overrides)
     _ensure_shards(Path(cfg.data.shards))
     print(f"demo: symmetric equilibrium learning, model.kind={cfg.model.kind} ({cfg.model.latent} latent, "
           f"{cfg.model.num_latents} dims), {cfg.train.steps} steps, batch {cfg.train.batch_size}", flush=True)
     start = time.perf_counter()
-    last = api.train(cfg, [str(config), f"run_dir={run_dir}"])
+    last = api.train(cfg, ["demo", str(config), *overrides])
     minutes = (time.perf_counter() - start) / 60
     grids = {}
-    for mode, steps in (("random", 0), ("limiting", 1000)):
+    for mode, steps in (("random", 0), ("limiting", chain_steps)):
         out = run_dir / "samples" / f"final_{mode}.png"
         grids[mode] = api.sample(api.SampleRequest(run_dir=run_dir, mode=mode, steps=steps, num=64, out=out,
                                                      seed=cfg.seed))
-    _print_summary(run_dir, last, minutes, grids)
+    _print_summary(run_dir, last, minutes, grids, chain_steps)
     return run_dir
 
 
-def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids: dict[str, Path]) -> None:
+def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids: dict[str, Path],
+                   chain_steps: int) -> None:
     print(f"\ntrained in {minutes:.1f} min; final losses (nats per sample): "
           f"decoder {last.get('train/decoder/loss', float('nan')):.2f}, "
           f"encoder {last.get('train/encoder/loss', float('nan')):.2f}")
@@ -54,7 +58,7 @@ def _print_summary(run_dir: Path, last: dict[str, float], minutes: float, grids:
     for tag in sorted(k for k in last if "/mi/" in k):
         print(f"  {tag:45s} {last[tag]:.4f}")
     print(f"\nrandom-code samples:    {grids['random']}")
-    print(f"limiting-chain samples: {grids['limiting']}  (1000 steps of x -> z ~ q -> x ~ p)")
+    print(f"limiting-chain samples: {grids['limiting']}  ({chain_steps} steps of x -> z ~ q -> x ~ p)")
     print(f"run directory:          {run_dir}  (config.yaml, checkpoints/, samples/, tb/)")
     print(f"TensorBoard:            tensorboard --logdir {run_dir / 'tb'}   (then open http://localhost:6006)")
 

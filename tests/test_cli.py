@@ -49,3 +49,36 @@ def test_input_errors_are_one_family() -> None:
     for error in (ConfigError, DataError, BadSample, ConversionError, CheckpointError, MissingInput):
         assert issubclass(error, InputError), error
     assert issubclass(MissingInput, FileNotFoundError) and issubclass(InputError, ValueError)
+
+
+def test_demo_runs_end_to_end_at_a_tiny_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo`'s path (`symeq demo`), 20 steps: shards written when missing, training, final grids, summary."""
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "data_shards" / "mnist"
+    code = main(["demo", "--config", str(ROOT / "configs/demo_mnist_mlp.yaml"), "--chain-steps", "5",
+                 "train.steps=20", "model.hidden=64",
+                 "monitor.log_every=10", "monitor.progress=false", f"engines.ds_config={ROOT / 'ds_config.json'}",
+                 f"data.shards={shards}"])
+    out = capsys.readouterr().out
+    assert code == 0 and (shards / "manifest.json").is_file()
+    (run,) = (tmp_path / "runs").iterdir()
+    for mode in ("random", "limiting"):
+        assert (run / "samples" / f"final_{mode}.png").is_file() and f"final_{mode}.png" in out
+    assert "final losses (nats per sample): decoder" in out and f"tensorboard --logdir {run.relative_to(tmp_path)}/tb" \
+        in out
+    assert "train/encoder/mi/z_mean" in out
+
+
+def test_sample_random_from_the_command_line(tmp_path: Path, mnist_shards: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs/debug_cpu.yaml"), *tiny_overrides(run, mnist_shards, "train.steps=2",
+                                                                                "checkpoint.every=2")]) == 0
+    out = tmp_path / "random.png"
+    assert main(["sample", str(run), "--mode", "random", "--n", "9", "--out", str(out)]) == 0
+    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(out) as grid:  # 3 x 3 grid of 28 x 28 with 2-pixel padding, enlarged to >= 480 wide
+        assert grid.width >= 480 and grid.width % (3 * 30 + 2) == 0

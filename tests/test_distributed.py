@@ -28,11 +28,15 @@ def torchrun(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess
     return proc
 
 
-@pytest.mark.parametrize("stage, kind", [(2, "symmetric"), (3, "symmetric"), (3, "elbo")])
-def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path, stage: int, kind: str) -> None:
-    run_dir = tmp_path / f"zero{stage}"
-    overrides = tiny_overrides(run_dir, mnist_shards, f"engines.encoder.zero_stage={stage}",
-                               f"engines.decoder.zero_stage={stage}", f"game.kind={kind}", "train.steps=4",
+@pytest.mark.parametrize("enc_stage, dec_stage, kind", [
+    (2, 2, "symmetric"), (3, 3, "symmetric"), (3, 3, "elbo"),
+    (0, 3, "symmetric"),  # the README's mixed example: a small encoder at ZeRO-0 beside a decoder at ZeRO-3
+])
+def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path, enc_stage: int, dec_stage: int,
+                                             kind: str) -> None:
+    run_dir = tmp_path / f"zero{enc_stage}{dec_stage}"
+    overrides = tiny_overrides(run_dir, mnist_shards, f"engines.encoder.zero_stage={enc_stage}",
+                               f"engines.decoder.zero_stage={dec_stage}", f"game.kind={kind}", "train.steps=4",
                                "checkpoint.every=4", "monitor.image_every=2")
     torchrun(2, overrides)
     ranks = [torch.load(run_dir / f"params_rank{r}.pt") for r in range(2)]
@@ -67,3 +71,20 @@ def test_two_ranks_resume_bitwise(tmp_path: Path, mnist_shards: Path) -> None:
         full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / f"rank_{rank:05d}.pt",
                                     weights_only=False)["stream"] for d in ("full", "cut"))
         assert full == resumed and (full["batches"], full["world_size"], full["num_workers"]) == (6, 2, 1)
+
+
+def test_an_iteration_is_the_single_device_update_at_the_global_batch(tmp_path: Path) -> None:
+    """2 ranks with 8 samples each give each player the gradient of 1 rank with all 16 (same complete pairs):
+    each engine all-reduces (averages) its own player's gradients."""
+    for nproc in (1, 2):
+        env = subprocess_env()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "tests" / "grad_worker.py"), str(tmp_path / f"grads{nproc}.pt")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (torch.load(tmp_path / f"grads{n}.pt") for n in (1, 2))
+    assert one.keys() == two.keys() == {"encoder", "decoder"}
+    for name in one:
+        for key, value in one[name].items():
+            scale = value.abs().max().item()
+            assert scale > 0 and torch.allclose(two[name][key], value, rtol=1e-5, atol=1e-6 * scale), f"{name}.{key}"

@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     # listed here for --help only: `main` hands `symeq shards ...` to cli/shards.py, so only it loads the converters
     sub.add_parser("shards", help="convert a data set to webdataset shards, or verify shards (symeq shards --help)")
-    sub.add_parser("demo", help="the main job: MNIST shards, a short symmetric run, sample grids")
+    demo = sub.add_parser("demo", help="the main job: MNIST shards, a short symmetric run, sample grids",
+                          description="Write the MNIST-5k shards if missing, train the demo config, sample grids.")
+    demo.add_argument("--config", type=Path, default=Path("configs/demo_mnist_mlp.yaml"))
+    demo.add_argument("--chain-steps", type=int, default=1000, help="limiting-chain steps of the final grid")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500")
     add_eval_parsers(sub)
     return parser
 
@@ -69,7 +73,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wrote {api.sample(req)}")
     else:
         from symeq_dist.demo import run_demo
-        run_demo()
+        run_demo(args.config, args.overrides, args.chain_steps)
     return 0
 
 
