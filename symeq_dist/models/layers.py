@@ -114,7 +114,9 @@ class SkipMLP(nn.Module):
 class XHead(nn.Module):
     """Turns the image net's output into p(x|z): Bernoulli logits, or a Gaussian mean with learned log sigma.
 
-    Gaussian: `sigma_shape` () is one global log sigma, the image shape one per pixel; init 0 (sigma = 1).
+    Gaussian: `sigma_shape` () is one global log sigma, the image shape one per pixel; init 0 (sigma = 1). The
+    global one is stored with shape (1,), not as a 0-dim tensor: DeepSpeed's parameter broadcast at engine
+    start cannot handle 0-dim parameters (it views them as bytes).
     The parameter is cloned inside this forward (never returned itself) for ZeRO-3.
     """
 
@@ -123,7 +125,7 @@ class XHead(nn.Module):
         if family not in ("bernoulli", "gaussian"):
             raise ValueError(f"x_dist must be 'bernoulli' or 'gaussian', got {family!r}")
         self.family = family
-        self.log_sigma = nn.Parameter(torch.zeros(sigma_shape)) if family == "gaussian" else None
+        self.log_sigma = nn.Parameter(torch.zeros(sigma_shape or (1,))) if family == "gaussian" else None
 
     def forward(self, out: Tensor) -> PackedDistribution:  # out (B, C, H, W): logits or mu
         """Returns the distribution packed (see `pack`); callers `unpack` it."""
