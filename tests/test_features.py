@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from symeq_dist.eval.features.inception import (
     inception_state_dict_template,
     load_inception_features,
 )
+from tests.conftest import subprocess_env
 
 # pytorch-fid's FID InceptionV3 with the 1008-class fc, without AuxLogits. Derivation, independent of our code:
 # torchvision documents inception_v3 (aux_logits=True, 1000 classes) as 27,161,264 parameters. Its AuxLogits head
@@ -93,13 +97,19 @@ def test_classifier_end_to_end(tiny_shards: Path, tmp_path: Path) -> None:
                                "valid_accuracy": info["valid_accuracy"], "dataset": "tiny", "epochs": 2, "seed": 0}
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
         features(torch.rand(2, 1, 32, 32))
+    off_grid = _digits(6) * 1.4 - 0.2  # (6, 1, 28, 28): like Gaussian-x means, outside [0, 1] and between levels
+    with torch.no_grad():  # embedded as their 8-bit image, like FID's inputs
+        assert torch.equal(features(off_grid), features(torch.round(off_grid.clamp(0, 1) * 255) / 255))
+        assert not torch.equal(features(off_grid), features.net.body(off_grid))
 
 
 def test_classifier_deterministic_under_seed(tiny_shards: Path, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
     runs = [train_classifier(tiny_shards, tmp_path / name, epochs=1, seed=seed, feature_dim=16, progress=False)
             for name, seed in (("a.pt", 3), ("b.pt", 3), ("c.pt", 4))]
     assert runs[0]["sha256"] == runs[1]["sha256"]  # bytes do not depend on the file name
     assert runs[0]["sha256"] != runs[2]["sha256"]
+    assert torch.get_num_threads() == threads  # trained on num_threads=1, then the caller's count is restored
 
 
 @pytest.mark.slow
@@ -109,6 +119,52 @@ def test_classifier_on_mnist_5k(mnist_shards: Path, tmp_path: Path) -> None:
     assert info["num_train"] == 4500 and info["num_valid"] == 500 and info["epochs"] == 5
     assert info["valid_accuracy"] >= 0.95
     assert load_classifier_features(info["path"]).dim == 128
+
+
+# In a fresh process: one epoch on a small split first (torch's lazy imports and Adam, ~175 MB), then the peak
+# RSS growth (KiB) over one epoch on the large split, of this process and of its children (the stream's
+# DataLoader worker, which reads and decodes), against this process's peak before. A fixed glibc mmap
+# threshold returns freed activations to the OS at once: with the default dynamic one, heap fragmentation
+# alone made the peak wander by up to ~40 MB between runs (measured).
+_PEAK_RSS_SCRIPT = """
+import json, resource, sys
+from symeq_dist.eval.features.classifier import train_classifier
+train_classifier(sys.argv[1], sys.argv[3], epochs=1, feature_dim=16, progress=False)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+info = train_classifier(sys.argv[2], sys.argv[3], epochs=1, feature_dim=16, progress=False)
+self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss - before
+print(json.dumps({"self_kib": self_kib, "children_kib": children_kib, "valid_accuracy": info["valid_accuracy"]}))
+"""
+
+
+def _patch_shards(out: Path, num_train: int, num_valid: int) -> None:
+    """Learnable 3 x 32 x 32 images: uniform noise in 0..127 plus a bright 8 x 8 patch at the label's place."""
+    rng = np.random.default_rng(0)
+    num = num_train + num_valid
+    labels = rng.integers(0, 10, num)
+    images = rng.integers(0, 128, (num, 3, 32, 32), dtype=np.uint8)
+    for label in range(10):
+        row, col = divmod(label, 4)
+        images[labels == label, :, 8 * row:8 * row + 8, 8 * col:8 * col + 8] += 128
+    splits = {"train": (images[:num_train], labels[:num_train]), "valid": (images[num_train:], labels[num_train:])}
+    write_shards(out, splits, dataset="patches", samples_per_shard=2048, samples_per_member=64, meta={})
+
+
+def test_classifier_streams_the_training_split(tmp_path: Path) -> None:
+    """Training does not hold the split in memory: peak RSS grows far less than the split's float32 size."""
+    num_train = 8_000
+    _patch_shards(tmp_path / "small", 512, 100)
+    _patch_shards(tmp_path / "large", num_train, 500)
+    split_kib = num_train * 3 * 32 * 32 * 4 // 1024  # 96,000 KiB as float32
+    args = [str(tmp_path / name) for name in ("small", "large", "classifier.pt")]
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, *args],
+                          env=subprocess_env(MALLOC_MMAP_THRESHOLD_="131072"), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["valid_accuracy"] > 0.5  # it did learn (chance is 0.1)
+    assert max(result["self_kib"], result["children_kib"]) < split_kib / 8, (result, split_kib)  # measured ~1.5 MB
 
 
 def test_classifier_file_errors(tmp_path: Path) -> None:
@@ -172,6 +228,15 @@ def test_inception_random_init_round_trip(random_inception: InceptionFeatures, t
     assert all(not p.requires_grad for p in loaded.parameters())
     with torch.no_grad():  # same weights, and grey images are replicated to RGB: the same features
         torch.testing.assert_close(loaded(grey.expand(-1, 3, -1, -1)), features)
+
+
+def test_inception_clamps_and_quantises(random_inception: InceptionFeatures) -> None:
+    """Inputs are clamped to [0, 1] and rounded to multiples of 1/255 first, as the 8-bit PNGs pytorch-fid reads."""
+    x = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.2  # (1, 3, 28, 28)
+    png = torch.round(x.clamp(0, 1) * 255) / 255
+    assert (x < 0).any() and (x > 1).any() and not torch.equal(png, x.clamp(0, 1))  # off range and off the grid
+    with torch.no_grad():
+        assert torch.equal(random_inception(x), random_inception(png))
 
 
 def test_inception_missing_file(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ def add_eval_parsers(sub: Any) -> None:
                     help="local pt_inception-2015-12-05-6726825d.pth for FID (never downloaded)")
     ev.add_argument("--tsne-points", type=int, default=2000, help="codes per set in the t-SNE figure")
     ev.add_argument("--epochs", type=int, default=5, help="train-features: classifier epochs")
+    ev.add_argument("--threads", type=int, default=1,
+                    help="train-features: torch threads (default 1: the file's bytes do not depend on the core count, "
+                         "and one is faster on a busy CPU; 0: torch's default, the machine's cores)")
     cmp = sub.add_parser("compare", help="put evaluated runs side by side (markdown table + plot)")
     cmp.add_argument("run_dirs", type=Path, nargs="+")
     cmp.add_argument("--out", type=Path, default=None, help="also write the table (.md) and a plot (.png) here")
@@ -35,9 +38,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if str(args.run_dir) == "train-features":
         if args.shards is None:
-            raise ConfigError("usage: symeq eval train-features SHARDS_DIR [--features OUT] [--epochs N]")
+            raise ConfigError("usage: symeq eval train-features SHARDS_DIR [--features OUT] [--epochs N] "
+                              "[--threads N]")
         info = train_classifier(args.shards, args.features or args.shards / "classifier.pt", epochs=args.epochs,
-                                seed=args.seed)
+                                seed=args.seed, num_threads=args.threads or None)
         print(f"wrote {info['path']} ({info['name']}, valid accuracy {info['valid_accuracy']:.4f})")
         return
     results = api.evaluate(EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=args.chain_steps, seed=args.seed,

@@ -44,6 +44,15 @@ class FeatureExtractor(nn.Module):
         return {"name": self.name, "dim": self.dim, "sha256": self.sha256, "path": self.path}
 
 
+def quantise_8bit(images: Tensor) -> Tensor:
+    """Images clamped to [0, 1] and rounded to multiples of 1/255, float32: what an 8-bit PNG of them holds.
+
+    Exact no-op on data (uint8 / 255 or binary); model means outside [0, 1] or between levels are moved to
+    the nearest level (ties to even).
+    """
+    return torch.round(images.to(torch.float32).clamp(0, 1) * 255) / 255
+
+
 def load_file(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     """torch.load(weights_only=True) of a dict on the CPU; ValueError naming `fix` for anything else."""
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,23 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from symeq_dist.config import DataConfig
-from symeq_dist.data import build_eval_batches, load_manifest, to_float
+from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
+from symeq_dist.data.manifest import samples_per_member
 from symeq_dist.errors import InputError, MissingInput
-from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, save_atomic, sha256
-from symeq_dist.eval.probe import single_thread
+from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, quantise_8bit, save_atomic, sha256
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_KEYS = ("state_dict", "image_shape", "num_classes", "feature_dim", "valid_accuracy", "epochs",
                    "seed", "dataset")
 TRAIN_FEATURES_HINT = "train it with `symeq eval train-features <shards>`"
+# One DataLoader worker decodes and collates the next batches while the step runs: measured faster than
+# reading in the training process (MNIST-5k, 2 shared cores: 2.0-3.4 vs 2.8-5.3 s per epoch on one thread).
+STREAM_WORKERS = 1
+# Window of the stream's shuffle after its permutation of packed blocks, in blocks: batches mix 32 blocks
+# (8192 samples at 256 per block, the default data.shuffle_buffer mixes ~4), and the reader's 64-block cache
+# never has to re-read one. Per-sample shards are fully shuffled by the permutation alone.
+SHUFFLE_BLOCKS = 32
 
 
 class _ConvClassifier(nn.Module):
@@ -52,7 +61,13 @@ class _ConvClassifier(nn.Module):
 
 
 class ClassifierFeatures(FeatureExtractor):
-    """The penultimate layer (after its ReLU) of a classifier trained with `train_classifier`."""
+    """The penultimate layer (after its ReLU) of a classifier trained with `train_classifier`.
+
+    Inputs are first clamped to [0, 1] and rounded to multiples of 1/255 (`quantise_8bit`), as for FID:
+    the classifier was trained on such images only, so its features of out-of-range or off-grid values
+    (Gaussian-x means) would be extrapolation; data (x / 255 or binary) and binary samples pass unchanged,
+    and FD-clf and FID then describe the same 8-bit images.
+    """
 
     def __init__(self, net: _ConvClassifier, meta: dict[str, Any], sha256: str) -> None:
         super().__init__()
@@ -78,36 +93,53 @@ class ClassifierFeatures(FeatureExtractor):
         if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise InputError(f"{self.name} embeds images of shape (B, {', '.join(map(str, self.image_shape))}) "
                              f"in [0, 1], got {tuple(images.shape)}: pass images of the classifier's dataset")
-        return images.to(torch.float32)
+        return quantise_8bit(images)  # the classifier only ever saw [0, 1] on the 1/255 grid; data pass unchanged
 
 
 def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: int = 5, seed: int = 0,
-                     batch_size: int = 128, feature_dim: int = 128, progress: bool = True) -> dict:
+                     batch_size: int = 128, feature_dim: int = 128, num_threads: int | None = 1,
+                     progress: bool = True) -> dict:
     """Train the FD-clf classifier on the shards' "train" split; save its checkpoint atomically to `out_path`.
 
     Images are grey values / 255, never binarised, so data and model samples (binary or mean images) are both
-    in its input range. Deterministic under `seed` on CPU: same seed, same bytes, same sha256 (it trains on
-    one thread, so the core count does not change the result).
+    in its input range. The split is streamed (`build_train_stream`: uint8 batches in a seeded, shuffled order;
+    an epoch is num_train // batch_size steps, the few samples left over differ from epoch to epoch), so memory
+    stays bounded by a batch and the reader's block cache, whatever the split's size. Deterministic under
+    `seed` on CPU for a given thread count: same seed, same bytes, same sha256.
+
+    Args:
+        num_threads: torch intra-op threads while training (None: torch's default, the machine's cores).
+            1 by default: the bytes (so the FD-clf name) then do not depend on the core count (they do
+            otherwise), and on a busy shared CPU one thread was measured 1.3-1.7 s per MNIST-5k epoch, two
+            0.9-35 s (2 cores, other jobs running); with free cores more threads are faster.
 
     Returns:
         {"path", "sha256", "name", "valid_accuracy", "epochs", "seed", "num_train", "num_valid", "seconds"}.
 
     Raises:
         FileNotFoundError: no manifest in `shards_dir` (write the shards first).
-        ValueError: the shards lack a "train" or "valid" split, or bad epochs/batch_size/feature_dim.
+        ValueError: the shards lack a "train" or "valid" split or class labels, the train split is smaller
+            than one batch, or bad epochs/batch_size/feature_dim/num_threads.
     """
-    if epochs < 1 or batch_size < 1 or feature_dim < 1:
-        raise InputError(f"epochs={epochs}, batch_size={batch_size}, feature_dim={feature_dim}: all must be >= 1")
+    if epochs < 1 or batch_size < 1 or feature_dim < 1 or (num_threads is not None and num_threads < 1):
+        raise InputError(f"epochs={epochs}, batch_size={batch_size}, feature_dim={feature_dim}, "
+                         f"num_threads={num_threads}: all must be >= 1")
     start = time.perf_counter()
     manifest = load_manifest(shards_dir)
     image_shape, num_classes = tuple(manifest["image_shape"]), int(manifest["num_classes"])
-    x_train, y_train = _read_split(shards_dir, manifest, "train")
-    x_valid, y_valid = _read_split(shards_dir, manifest, "valid")
-    with single_thread(), torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+    num_train, num_valid = (_split_size(shards_dir, manifest, split) for split in ("train", "valid"))
+    if num_train < batch_size:
+        raise InputError(f"the 'train' split of {shards_dir} holds {num_train} samples, fewer than one batch of "
+                         f"{batch_size}: lower batch_size or add data")
+    # the float conversion is to_float's with these settings: uint8 / 255, never binarised, no noise
+    cfg = DataConfig(shards=str(shards_dir), binarize_threshold=None, noise="none", num_workers=STREAM_WORKERS,
+                     shuffle_buffer=SHUFFLE_BLOCKS * samples_per_member(manifest))
+    with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
         torch.manual_seed(seed)
         net = _ConvClassifier(image_shape, num_classes, feature_dim)
-        _fit(net, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress)
-        accuracy = _accuracy(net, x_valid, y_valid)
+        _fit(net, cfg, steps=epochs * (num_train // batch_size), batch_size=batch_size, seed=seed,
+             progress=progress)
+        accuracy = _accuracy(net, cfg, batch_size)
     checkpoint = {"state_dict": net.state_dict(), "image_shape": list(image_shape), "num_classes": num_classes,
                   "feature_dim": feature_dim, "valid_accuracy": accuracy, "epochs": epochs, "seed": seed,
                   "dataset": str(manifest["dataset"])}
@@ -118,12 +150,23 @@ def train_classifier(shards_dir: str | Path, out_path: str | Path, *, epochs: in
     log.info("classifier %s: valid accuracy %.4f after %d epochs (%.1f s) -> %s", sha[:8], accuracy, epochs,
              seconds, out_path)
     return {"path": str(out_path), "sha256": sha, "name": f"FD-clf-{sha[:8]}", "valid_accuracy": accuracy,
-            "epochs": epochs, "seed": seed, "num_train": len(y_train), "num_valid": len(y_valid),
-            "seconds": seconds}
+            "epochs": epochs, "seed": seed, "num_train": num_train, "num_valid": num_valid, "seconds": seconds}
 
 
-def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) -> tuple[Tensor, Tensor]:
-    """A whole split in memory, in shard order: images float (N, C, H, W) in [0, 1], labels int64 (N,)."""
+@contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run torch on `num_threads` intra-op threads (None: leave them), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _split_size(shards_dir: str | Path, manifest: dict[str, Any], split: str) -> int:
+    """The manifest's sample count of `split`; ValueError unless it exists, is non-empty and has class labels."""
     if split not in manifest["splits"]:
         raise InputError(f"the shards in {shards_dir} have no {split!r} split (they have "
                          f"{sorted(manifest['splits'])}); the classifier trains on 'train' and reports "
@@ -132,40 +175,37 @@ def _read_split(shards_dir: str | Path, manifest: dict[str, Any], split: str) ->
     if label is None or label.get("kind") != "class":
         raise InputError(f"the shards in {shards_dir} have no class labels (label: {label}); the FD-clf "
                          "classifier needs them: train it on labelled shards, or use FID (--inception-weights)")
-    cfg = DataConfig(shards=str(shards_dir), binarize_threshold=None, noise="none")
-    images, labels = [], []
-    for batch in build_eval_batches(cfg, split=split, batch_size=1024):
-        images.append(to_float(batch["image"], cfg))
-        labels.append(batch["label"].to(torch.int64))
-    if not labels:
+    num = int(manifest["splits"][split].get("num_samples", 0))
+    if num < 1:
         raise InputError(f"the {split!r} split of {shards_dir} is empty; rewrite the shards")
-    return torch.cat(images), torch.cat(labels)
+    return num
 
 
-def _fit(net: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, seed: int,
-         progress: bool) -> None:
-    """Adam (lr 2e-3) on cross-entropy; batches drawn by a permutation per epoch from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
+def _fit(net: nn.Module, cfg: DataConfig, *, steps: int, batch_size: int, seed: int, progress: bool) -> None:
+    """Adam (lr 2e-3) on cross-entropy over `steps` batches of the seeded training stream (closed at the end)."""
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    steps = (len(y) + batch_size - 1) // batch_size
     net.train()
-    with tqdm(total=epochs * steps, desc="classifier", unit="step", disable=not progress) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(y), generator=generator)
-            for index in order.split(batch_size):
-                loss = F.cross_entropy(net(x[index]), y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                bar.update()
+    with build_train_stream(cfg, seed=seed, rank=0, world_size=1, batch_size=batch_size) as stream, \
+            tqdm(total=steps, desc="classifier", unit="step", disable=not progress) as bar:
+        for _, batch in zip(range(steps), stream, strict=False):
+            x = to_float(batch["image"], cfg)  # (B, C, H, W) in [0, 1]
+            loss = F.cross_entropy(net(x), batch["label"].to(torch.int64))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update()
     net.eval()
 
 
 @torch.no_grad()
-def _accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    batches = zip(x.split(batch_size), y.split(batch_size), strict=True)
-    return sum(int((net(xb).argmax(1) == yb).sum()) for xb, yb in batches) / len(y)
+def _accuracy(net: nn.Module, cfg: DataConfig, batch_size: int) -> float:
+    """Accuracy on the whole "valid" split, read in shard order in training-sized batches (bounded memory)."""
+    correct = total = 0
+    for batch in build_eval_batches(cfg, split="valid", batch_size=batch_size):
+        correct += int((net(to_float(batch["image"], cfg)).argmax(1) == batch["label"].to(torch.int64)).sum())
+        total += len(batch["label"])
+    return correct / total
 
 
 def load_classifier_features(path: str | Path) -> ClassifierFeatures:

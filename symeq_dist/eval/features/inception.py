@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symeq_dist.errors import InputError, MissingInput
-from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, sha256
+from symeq_dist.eval.features.base import FeatureExtractor, freeze, load_file, quantise_8bit, sha256
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ class InceptionFeatures(FeatureExtractor):
 
     Built with random (He) weights; `load_inception_features` fills in the real ones. `fc` (2048 -> 1008) is
     kept only so the weights file loads with strict key checking; the features never pass through it.
-    pytorch-fid reads 8-bit PNGs: quantise to multiples of 1/255 first for parity with its file-based numbers.
+    pytorch-fid reads 8-bit PNGs, so `forward` first clamps the images to [0, 1] and rounds them to multiples
+    of 1/255 (`quantise_8bit`) for parity with its file-based numbers: Gaussian-x means outside [0, 1] or
+    between levels are embedded as their PNG would be; data (x / 255 or binary) pass unchanged.
     """
 
     def __init__(self) -> None:
@@ -184,7 +186,7 @@ class InceptionFeatures(FeatureExtractor):
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"Inception features need images (B, 1 or 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        x = images.to(torch.float32).expand(-1, 3, -1, -1)  # grey -> RGB, as the PNGs pytorch-fid reads
+        x = quantise_8bit(images).expand(-1, 3, -1, -1)  # (B, 3, H, W): 8-bit levels, grey -> RGB, as its PNGs
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
