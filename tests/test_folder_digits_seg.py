@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from symeq_dist.cli.main import main
 from symeq_dist.cli.shards import shards_parser
+from symeq_dist.data import verify_shards
 from symeq_dist.data.schema import Schema, decode
 from symeq_dist.datasets.convert import ConversionError
-from symeq_dist.datasets.digits_seg import write_digits_seg_shards
+from symeq_dist.datasets.digits_seg import CanvasSampler, write_digits_seg_shards
 from symeq_dist.datasets.folder import write_folder_shards
 from symeq_dist.datasets.mnist import FASHION_MNIST_DIR, read_idx, read_mnist_5k, stratified_split
 from tests.conftest import read_shard_groups
@@ -248,6 +251,96 @@ def test_digits_seg_errors(tmp_path: Path) -> None:
         write_digits_seg_shards(tmp_path / "o", canvas=20)
     with pytest.raises(ValueError, match=r"threshold must be in 1\.\.255"):
         write_digits_seg_shards(tmp_path / "o", threshold=0)
+
+
+# ---------------------------------------------------------------- rerunning a finished conversion
+
+RERUN = {"num_train": 20, "num_valid": 8, "samples_per_shard": 8, "workers": 1}  # 3 + 1 shards, 28 canvases
+RERUN_ARGS = ["--num-train", "20", "--num-valid", "8", "--samples-per-shard", "8", "--workers", "1"]
+
+
+def file_ids(out: Path) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime_ns) of every shard and the manifest: a rewritten file gets a new pair."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def canvases(monkeypatch: pytest.MonkeyPatch) -> list[list[Any]]:
+    """The records that digits-seg's `make_sample` is called with in this process (use workers=1)."""
+    calls: list[list[Any]] = []
+    original = CanvasSampler.__call__
+
+    def counted(self: CanvasSampler, record: list[Any]) -> Any:
+        calls.append(record)
+        return original(self, record)
+
+    monkeypatch.setattr(CanvasSampler, "__call__", counted)
+    return calls
+
+
+def test_rerun_of_a_finished_conversion_does_nothing(tmp_path: Path, canvases: list[list[Any]],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "seg"
+    first = write_digits_seg_shards(out, **RERUN)
+    before, made = file_ids(out), len(canvases)
+    canvases[:] = []
+    with caplog.at_level(logging.INFO, logger="symeq_dist.datasets.convert"):
+        second = write_digits_seg_shards(out, **RERUN)
+    assert canvases == [] and made == 28  # not one sample made
+    assert file_ids(out) == before and len(before) == 5  # no shard and not the manifest rewritten
+    assert f"nothing to do: {out} already holds this conversion (4 shards, 28 samples)" in caplog.text
+    assert second == first == json.loads((out / "manifest.json").read_text())
+    assert len(first["plan_sha256"]) == 64 and all(entry["size"] == (out / entry["name"]).stat().st_size
+                                                   for split in first["splits"].values() for entry in split["shards"])
+
+
+def test_rerun_keeps_changed_bytes_and_verify_rewrites_exactly_them(tmp_path: Path, canvases: list[list[Any]],
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "seg"
+    assert main(["shards", "digits-seg", "--out", str(out), *RERUN_ARGS]) == 0
+    good, before, canvases[:] = (out / "digits-seg-train-000001.tar").read_bytes(), file_ids(out), []
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF  # same size, other bytes: only a hash notices
+    (out / "digits-seg-train-000001.tar").write_bytes(bad)
+    before = {**before, **file_ids(out)}
+    capsys.readouterr()
+    assert main(["shards", "digits-seg", "--out", str(out), *RERUN_ARGS]) == 0  # size checks only
+    assert "nothing to do" in capsys.readouterr().err and canvases == [] and file_ids(out) == before
+
+    assert main(["shards", "digits-seg", "--out", str(out), *RERUN_ARGS, "--verify"]) == 0
+    after = file_ids(out)
+    assert {name for name in before if after[name] != before[name]} == {"digits-seg-train-000001.tar",
+                                                                         "manifest.json"}
+    assert canvases == [["train", i] for i in range(8, 16)]  # exactly that shard's records
+    assert (out / "digits-seg-train-000001.tar").read_bytes() == good and verify_shards(out).ok
+
+    canvases[:] = []
+    assert main(["shards", "digits-seg", "--out", str(out), *RERUN_ARGS, "--verify"]) == 0
+    assert "nothing to do" in capsys.readouterr().err and canvases == [] and file_ids(out) == after
+
+
+def test_rerun_rewrites_missing_shards_and_converts_again_for_other_options(tmp_path: Path,
+                                                                             canvases: list[list[Any]]) -> None:
+    out = tmp_path / "seg"
+    first = write_digits_seg_shards(out, **RERUN)
+    (out / "digits-seg-valid-000000.tar").unlink()
+    before, canvases[:] = file_ids(out), []
+    assert write_digits_seg_shards(out, **RERUN) == first
+    assert canvases == [["valid", i] for i in range(8)]  # only the missing shard
+    assert {name: ids for name, ids in file_ids(out).items() if name in before and name != "manifest.json"} == \
+        {name: ids for name, ids in before.items() if name != "manifest.json"}
+
+    shard = out / "digits-seg-train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-512])  # truncated: `verify` and a plain rerun both notice the size
+    assert "digits-seg-train-000000.tar: " in verify_shards(out).summary() and "the manifest says" in \
+        verify_shards(out).summary()
+    canvases[:] = []
+    assert write_digits_seg_shards(out, **RERUN) == first and canvases == [["train", i] for i in range(8)]
+
+    canvases[:] = []
+    other = write_digits_seg_shards(out, **{**RERUN, "seed": 1})  # another plan: convert again
+    assert len(canvases) == 28 and other["seed"] == 1 and other["plan_sha256"] != first["plan_sha256"]
+    assert verify_shards(out).ok
 
 
 # ---------------------------------------------------------------- command line

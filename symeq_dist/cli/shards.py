@@ -9,7 +9,11 @@ webdataset, so building this parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,10 @@ from symeq_dist.datasets import celeba, celebamask_hq, digits_seg, folder, mnist
 EPILOG = """Every converter writes <dataset>-<split>-NNNNNN.tar webdataset shards and manifest.json (sample counts,
 checksums, schema, the command). The per-sample converters (celeba, celebamask-hq, folder, digits-seg) run
 --workers processes, are deterministic (same input -> byte-identical shards) and resume after an
-interruption: rerun the same command. mnist, fashion-mnist and idx are single-process and rewrite their
-output (seconds). Check shards any time with `symeq shards verify DIR`."""
+interruption: rerun the same command. Rerunning a finished conversion only checks the manifest and each
+shard's size ("nothing to do"); add --verify to re-hash every shard and rewrite those whose bytes changed.
+mnist, fashion-mnist and idx are single-process and rewrite their output (seconds). Check shards any time
+with `symeq shards verify DIR`."""
 
 
 def shards_parser() -> argparse.ArgumentParser:
@@ -51,19 +57,39 @@ def run_shards(args: argparse.Namespace) -> int:
         report = verify_shards(args.dir)
         print(report.summary())
         return 0 if report.ok else 1
-    manifest = args.run(args)
+    if args.out is None:  # folder: the default depends on --name
+        args.out = _folder_out(args.name)
+    with _converter_log():  # says what was done: wrote, resumed, or nothing to do
+        manifest = args.run(args)
     counts = ", ".join(f"{split} {entry['num_samples']}" for split, entry in manifest["splits"].items())
-    print(f"wrote {manifest['dataset']} shards to {args.out} ({counts}); check them with "
-          f"`symeq shards verify {args.out}`")
+    print(f"{manifest['dataset']} shards in {args.out} ({counts}); check them with `symeq shards verify {args.out}`")
     return 0
 
 
+@contextlib.contextmanager
+def _converter_log() -> Iterator[None]:
+    """Show the converters' INFO messages on stderr, message only, while one runs."""
+    logger, handler = logging.getLogger("symeq_dist.datasets"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _add_conversion_args(parser: argparse.ArgumentParser, *, samples_per_shard: int, unit: str = "images") -> None:
-    """The options every per-sample converter's command has: `--samples-per-shard` and `--workers`."""
+    """The options every per-sample converter's command has: `--samples-per-shard`, `--workers`, `--verify`."""
     parser.add_argument("--samples-per-shard", type=int, default=samples_per_shard,
                         help=f"{unit} per tar (default {samples_per_shard})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="conversion processes (default: all cores)")
+    parser.add_argument("--verify", action="store_true",
+                        help="when OUT already holds a finished conversion, re-hash every shard against its manifest "
+                             "and rewrite those whose bytes changed (default: a rerun checks sizes only)")
 
 
 def _add_mnist_parsers(kinds: Any) -> None:
@@ -106,7 +132,7 @@ def _add_face_parsers(kinds: Any) -> None:
                         help="centre crop side before the resize, <= 178 (default 148; 0 = largest centred square)")
     parser.set_defaults(run=lambda a: celeba.write_celeba_shards(
         a.root, a.out, size=a.size, crop=a.crop, image_format=a.image_format, samples_per_shard=a.samples_per_shard,
-        workers=a.workers, limit=a.limit))
+        workers=a.workers, limit=a.limit, verify=a.verify))
     hq = celebamask_hq
     parser = kinds.add_parser(
         "celebamask-hq", help="your CelebAMask-HQ copy: faces + 19-class label maps (+ attributes)",
@@ -119,7 +145,7 @@ def _add_face_parsers(kinds: Any) -> None:
                         help="CelebA's Eval/list_eval_partition.txt (or .csv); default: searched under ROOT")
     parser.set_defaults(run=lambda a: hq.write_celebamask_hq_shards(
         a.root, a.out, partition=a.partition, size=a.size, image_format=a.image_format,
-        samples_per_shard=a.samples_per_shard, workers=a.workers, limit=a.limit))
+        samples_per_shard=a.samples_per_shard, workers=a.workers, limit=a.limit, verify=a.verify))
 
 
 def _add_folder_parser(kinds: Any) -> None:
@@ -147,13 +173,18 @@ def _add_folder_parser(kinds: Any) -> None:
     parser.set_defaults(run=_run_folder)
 
 
+def _folder_out(name: str) -> Path:
+    return Path("data_shards") / name.replace("-", "_")
+
+
 def _run_folder(args: argparse.Namespace) -> dict:
     if args.out is None:
-        args.out = Path("data_shards") / args.name.replace("-", "_")
+        args.out = _folder_out(args.name)
     return folder.write_folder_shards(
         args.root, args.out, size=args.size, dataset=args.name, labels=args.labels, crop=args.crop, grey=args.grey,
         image_format=args.image_format, valid_fraction=args.valid_fraction, seed=args.seed,
-        samples_per_shard=args.samples_per_shard, workers=args.workers, limit=args.limit)
+        samples_per_shard=args.samples_per_shard, workers=args.workers, limit=args.limit,
+        verify=args.verify)
 
 
 def _add_digits_seg_parser(kinds: Any) -> None:
@@ -180,4 +211,4 @@ def _add_digits_seg_parser(kinds: Any) -> None:
     parser.set_defaults(run=lambda a: digits_seg.write_digits_seg_shards(
         a.out, source=a.source, canvas=a.canvas, num_train=a.num_train, num_valid=a.num_valid,
         max_glyphs=a.max_glyphs, threshold=a.threshold, seed=a.seed, samples_per_shard=a.samples_per_shard,
-        workers=a.workers, idx_dir=a.idx_dir))
+        workers=a.workers, idx_dir=a.idx_dir, verify=a.verify))

@@ -1,8 +1,8 @@
 """`symeq shards verify DIR`: read every byte of every shard and check it against the manifest.
 
-Checks per shard: the file exists, its sha256, that the tar is whole, its number of samples, and that
-every sample decodes and fits the schema (image shape, labels, masks). Problems are collected, not
-raised one at a time, so one run lists everything that is wrong, each with the shard and key.
+Checks per shard: the file exists, its size (when recorded) and sha256, that the tar is whole, its number
+of samples, and that every sample decodes and fits the schema (image shape, labels, masks). Problems are
+collected, not raised one at a time, so one run lists everything that is wrong, each with the shard and key.
 Must not import models or engines.
 """
 
@@ -57,7 +57,10 @@ def verify_shards(shards_dir: str | Path, manifest: dict | None = None) -> Verif
                 report.problems.append(f"{name}: missing (listed in {MANIFEST_NAME})")
                 bar.update(count)
                 continue
-            if hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+            size = path.stat().st_size
+            if entry.get("size", size) != size:  # manifests of the per-sample converters record sizes
+                report.problems.append(f"{name}: {size} bytes, the manifest says {entry['size']} (the file changed)")
+            elif hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
                 report.problems.append(f"{name}: sha256 differs from the manifest (the file changed)")
             reader = ShardReader([str(path)], [count], schema, per_member)
             index = reader.index(0)

@@ -41,7 +41,8 @@ RESTORE = "restore it from the original download"
 
 
 def write_celeba_shards(root: Path, out_dir: Path, *, size: int = 64, crop: int = 148, image_format: str = "jpg",
-                        samples_per_shard: int = 5000, workers: int = 1, limit: int | None = None) -> dict:
+                        samples_per_shard: int = 5000, workers: int = 1, limit: int | None = None,
+                        verify: bool = False) -> dict:
     """Write `celeba-{train,valid,test}-%06d.tar`: size x size RGB faces and their 40 attributes (0/1).
 
     `root` (searched recursively) holds `img_align_celeba/` (Kaggle nests it twice), `list_attr_celeba.txt` or
@@ -84,7 +85,8 @@ def write_celeba_shards(root: Path, out_dir: Path, *, size: int = 64, crop: int 
     schema = Schema((3, size, size), image_format, attributes=tuple(CELEBA_ATTRIBUTES))
     return convert(out_dir, dataset="celeba", splits=limited(splits, limit), schema=schema,
                    make_sample=functools.partial(make_celeba_sample, size=size, crop=crop),
-                   samples_per_shard=samples_per_shard, workers=workers, meta=meta)
+                   samples_per_shard=samples_per_shard, workers=workers, meta=meta,
+                   verify=verify)
 
 
 # ---------------------------------------------------------------- samples (run in worker processes)

@@ -47,7 +47,7 @@ HQ_MAPPING, HQ_ATTRIBUTES = "CelebA-HQ-to-CelebA-mapping.txt", "CelebAMask-HQ-at
 
 def write_celebamask_hq_shards(root: Path, out_dir: Path, *, partition: Path | None = None, size: int = 128,
                                image_format: str = "jpg", samples_per_shard: int = 2000, workers: int = 1,
-                               limit: int | None = None) -> dict:
+                               limit: int | None = None, verify: bool = False) -> dict:
     """Write `celebamask-hq-{train,valid,test}-%06d.tar`: RGB faces, 19-class label maps and, if listed, attributes.
 
     `root` holds `CelebA-HQ-img/{idx}.jpg` (square), `CelebAMask-HQ-mask-anno/{idx // 2000}/{idx:05d}_{part}.png`
@@ -90,7 +90,8 @@ def write_celebamask_hq_shards(root: Path, out_dir: Path, *, partition: Path | N
                     attributes=None if attributes is None else tuple(CELEBA_ATTRIBUTES))
     return convert(out_dir, dataset="celebamask-hq", splits=limited(splits, limit), schema=schema,
                    make_sample=functools.partial(make_celebamask_hq_sample, root=str(root), size=size),
-                   samples_per_shard=samples_per_shard, workers=workers, meta=meta)
+                   samples_per_shard=samples_per_shard, workers=workers, meta=meta,
+                   verify=verify)
 
 def make_celebamask_hq_sample(record: list[Any], *, root: str, size: int) -> Sample:
     """[idx, orig_file, split, attributes or None] -> BICUBIC image and NEAREST label map, both size x size."""

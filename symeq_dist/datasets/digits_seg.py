@@ -49,7 +49,8 @@ _FASHION_HINT = ("install Fashion-MNIST with `apt-get install dataset-fashion-mn
 
 def write_digits_seg_shards(out_dir: Path, *, source: str = "mnist", canvas: int = 64, num_train: int = 20000,
                             num_valid: int = 2000, max_glyphs: int = 3, threshold: int | None = None, seed: int = 0,
-                            samples_per_shard: int = 2000, workers: int = 1, idx_dir: Path | None = None) -> dict:
+                            samples_per_shard: int = 2000, workers: int = 1, idx_dir: Path | None = None,
+                            verify: bool = False) -> dict:
     """Write `digits-seg-{train,valid}-%06d.tar`: grey canvases (png), label maps (seg.png) and layouts (json).
 
     Each canvas is black, `canvas` x `canvas`, with 1..max_glyphs glyphs pasted at random integer positions
@@ -97,7 +98,8 @@ def write_digits_seg_shards(out_dir: Path, *, source: str = "mnist", canvas: int
     make_sample = CanvasSampler(source=source, idx_dir=idx_key, canvas=canvas, max_glyphs=max_glyphs,
                                 threshold=threshold, seed=seed)
     return convert(out_dir, dataset=DATASET, splits=splits, make_sample=make_sample, schema=schema,
-                   samples_per_shard=samples_per_shard, workers=workers, meta=meta)
+                   samples_per_shard=samples_per_shard, workers=workers, meta=meta,
+                   verify=verify)
 
 
 def _check_options(*, source: str, canvas: int, num_train: int, num_valid: int, max_glyphs: int, threshold: int,

@@ -28,7 +28,7 @@ RESAMPLE = "bicubic"
 def write_folder_shards(root: Path, out_dir: Path, *, size: int, dataset: str = "folder", labels: bool = False,
                         crop: str = "center", grey: bool = False, image_format: str = "jpg",
                         valid_fraction: float = 0.0, seed: int = 0, samples_per_shard: int = 5000,
-                        workers: int = 1, limit: int | None = None) -> dict:
+                        workers: int = 1, limit: int | None = None, verify: bool = False) -> dict:
     """Convert every image under `root` into `{dataset}-{train,valid}-%06d.tar` shards of size x size images.
 
     Images are found recursively (suffixes .jpg .jpeg .png .webp .bmp, any case) and sorted by their
@@ -91,7 +91,8 @@ def write_folder_shards(root: Path, out_dir: Path, *, size: int, dataset: str = 
                            "exif_transpose": True}}
     make_sample = FolderSampler(root=str(root.resolve()), size=size, crop=crop, grey=grey)
     return convert(out_dir, dataset=dataset, splits=splits, make_sample=make_sample, schema=schema,
-                   samples_per_shard=samples_per_shard, workers=workers, meta=meta)
+                   samples_per_shard=samples_per_shard, workers=workers, meta=meta,
+                   verify=verify)
 
 
 def _check_options(*, size: int, crop: str, image_format: str, valid_fraction: float, seed: int,
