@@ -6,7 +6,6 @@ STAMP   := $(VENV)/.installed
 # CPU machines pin the local torch wheel; GPU users install their CUDA torch first (README).
 CONSTRAINTS ?= constraints-cpu.txt
 export DS_ACCELERATOR ?= cpu
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup demo test test-slow shards bench lint clean fmnist
 
@@ -16,6 +15,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m symeq_dist.runtime.ops   # DeepSpeed's CPU comm op, built once where every entry point looks
 	-@$(MAKE) -s fmnist
 	-@$(MAKE) -s slurm
 	touch $(STAMP)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from symeq_dist import sampling
-from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config
+from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config, parse_overrides
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
 from symeq_dist.eval.model import load_trained
 from symeq_dist.game import build_game
@@ -30,6 +30,7 @@ from symeq_dist.runtime import checkpoint, dist
 from symeq_dist.runtime.engines import build_engines
 from symeq_dist.runtime.monitor import Monitor, make_grid, save_png, setup_logging
 from symeq_dist.train.drills import FAULT_ENV, FaultPlan
+from symeq_dist.train.preemption import PREEMPTED_FILE
 from symeq_dist.train.state import make_generators
 from symeq_dist.train.trainer import Trainer
 
@@ -40,18 +41,65 @@ RESUMABLE_CHANGES = ("resume", "train.steps", "monitor.", "checkpoint.", "fault.
 
 
 # ---------------------------------------------------------------- train
-def check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
-    """Refuse to resume with a config that differs from the checkpoint's outside `RESUMABLE_CHANGES`.
+def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
+    """The config of `symeq train PATH OVERRIDES`: YAML + overrides for a new run; for `resume=true`, the run's
+    own stored config with the explicit overrides applied (only `RESUMABLE_CHANGES` may differ from it).
 
-    The stored config is rebuilt first, so keys added since it was written compare at their defaults.
+    The run directory is where the run is, never compared: `run_dir` from the overrides, else the YAML's; a
+    config file that sits in a run directory (`RUN_DIR/config.yaml`) resumes that directory wherever it is.
+
+    Raises:
+        ConfigError: a bad key or value, or an override that would change a resumed run's fixed settings.
+        CheckpointError: resume=true but the run directory holds no readable checkpoint.
     """
+    cfg = load_config(path, overrides)
+    explicit = _flatten(parse_overrides(overrides))
+    run_dir = Path(cfg.run_dir)
+    if path is not None and "run_dir" not in explicit and (Path(path).parent / "checkpoints").is_dir():
+        run_dir = Path(path).parent  # RUN_DIR/config.yaml: the run is where its config is
+    run_dir = run_dir.resolve()
+    if not cfg.resume:
+        return replace(cfg, run_dir=str(run_dir))
+    stored = checkpoint.load_meta(run_dir)["config"]
+    asked = {k: v for k, v in explicit.items() if k not in ("run_dir", "resume")}
+    base = config_from_dict(stored).to_dict()
+    resumed = config_from_dict(_nested({**_flatten(base), **asked}))
+    old, new = _flatten(base), _flatten(resumed.to_dict())
+    fixed = [k for k in sorted(new) if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if fixed:
+        diff = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in fixed)
+        raise ConfigError(f"{diff}: cannot change on resume (the checkpoint's run was trained with it); only "
+                          "train.steps, monitor.*, checkpoint.* and fault.* can. Start a new run_dir to change it.")
+    if path is not None and not (Path(path).parent / "checkpoints").is_dir():
+        ignored = [k for k, v in _flatten(load_config(path, []).to_dict()).items()
+                   if k not in ("run_dir", "resume") and k not in asked and old.get(k) != v]
+        if ignored:
+            log.info("resuming %s with its stored config; %s differs in %s (ignored: pass them as overrides to "
+                     "change what may change)", run_dir, path, ", ".join(ignored[:8]))
+    return replace(resumed, run_dir=str(run_dir), resume=True)
+
+
+def check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's outside `RESUMABLE_CHANGES` (the run
+    directory and `resume` excepted: they say where and how, not what)."""
     old, new = _flatten(config_from_dict(stored).to_dict()), _flatten(cfg.to_dict())
-    changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not k.startswith(RESUMABLE_CHANGES) and k not in ("run_dir", "resume")]
     if changed:
         diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise ConfigError(f"resume: the config differs from the checkpoint's ({diff}); only train.steps, "
-                          "monitor.*, checkpoint.* and fault.* may change on resume. Use the run's config.yaml.")
+        raise ConfigError(f"{diff}: cannot change on resume (the checkpoint's run was trained with it); only "
+                          "train.steps, monitor.*, checkpoint.* and fault.* can. Start a new run_dir to change it.")
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -87,11 +135,11 @@ def _check_data(cfg: RunConfig) -> None:
 def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = None) -> Trainer:
     """Build every piece of a run (players, prior, game, engines, stream, monitor); restore it when resuming."""
     _check_data(cfg)
-    if not cfg.resume and checkpoint.latest_dir(cfg.run_dir) is not None:
+    if cfg.resume:  # before anything is built: a mismatching model would fail deep inside DeepSpeed's load
+        check_resume_config(cfg, checkpoint.load_meta(cfg.run_dir)["config"])
+    elif checkpoint.latest_dir(cfg.run_dir) is not None:
         raise ConfigError(f"run_dir {cfg.run_dir} already holds a checkpoint; pass resume=true to continue "
-                          "it or choose another run_dir (nothing is overwritten)")
-    if info.is_main:
-        _write_run_info(cfg, argv or [])
+                          "it (`symeq resume RUN_DIR`) or choose another run_dir (nothing is overwritten)")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     players = build_players(cfg.model)
     prior = build_prior(cfg.prior, players.decoder)
@@ -111,13 +159,15 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
                       faults=FaultPlan.parse(os.environ.get(FAULT_ENV, "")))
     if cfg.resume:
         try:
-            rank_state, meta = checkpoint.load(cfg.run_dir, engines, info)
-            check_resume_config(cfg, meta["config"])
+            rank_state, _ = checkpoint.load(cfg.run_dir, engines, info)
         except Exception:
             trainer.close()
             raise
         trainer.load_rank_state(rank_state)
-        log.info("resumed at step %d", trainer.state.step)
+        log.info("resumed %s at step %d", cfg.run_dir, trainer.state.step)
+    if info.is_main:  # every check passed: only now the run directory records this start
+        _write_run_info(cfg, argv or [])
+        (Path(cfg.run_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
     return trainer
 
 
@@ -126,6 +176,7 @@ def train(cfg: RunConfig, argv: list[str] | None = None) -> dict[str, float]:
     scalars (rank-averaged)."""
     info = dist.init(timeout_s=cfg.fault.collective_timeout_s)
     setup_logging(info.rank)
+    log.info("accelerator %s (%s), %d process(es)", info.device, dist.backend(), info.world_size)
     trainer = build_trainer(cfg, info, argv)
     try:
         return trainer.train()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from symeq_dist import api
 from symeq_dist.cli import main
 from symeq_dist.config import ConfigError
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 
 def test_bad_input_is_one_line_with_exit_2(tmp_path: Path, mnist_shards: Path,
@@ -82,3 +84,36 @@ def test_sample_random_from_the_command_line(tmp_path: Path, mnist_shards: Path,
 
     with Image.open(out) as grid:  # 3 x 3 grid of 28 x 28 with 2-pixel padding, enlarged to >= 480 wide
         assert grid.width >= 480 and grid.width % (3 * 30 + 2) == 0
+
+
+def _plain_env() -> dict[str, str]:
+    """A shell's environment as the README's direct `.venv/bin/symeq` commands see it: no DS_ACCELERATOR and
+    no TORCH_EXTENSIONS_DIR (make exports the first; nothing sets the second)."""
+    env = subprocess_env()
+    for key in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"):
+        env.pop(key, None)
+    return env
+
+
+def test_help_and_data_commands_do_not_load_deepspeed(mnist_shards: Path) -> None:
+    code = ("import sys\nfrom symeq_dist.cli import main\n"
+            f"for argv in (['--help'], ['train', '--help'], ['shards', '--help'], ['compare', '--help'], "
+            f"['shards', 'verify', {str(mnist_shards)!r}]):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('deepspeed' in sys.modules, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_plain_env(), cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+    assert "Setting accelerator" not in done.stderr + done.stdout
+
+
+def test_training_names_the_accelerator_once_and_builds_nothing(tmp_path: Path, mnist_shards: Path) -> None:
+    """The DeepSpeed op was built at set-up where every entry point looks, so a direct run starts at once."""
+    cmd = [sys.executable, "-m", "symeq_dist.cli", "train", str(ROOT / "configs/debug_cpu.yaml"),
+           *tiny_overrides(tmp_path / "run", mnist_shards, "train.steps=2", "checkpoint.every=2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_plain_env(), cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stderr + done.stdout
+    assert "Setting accelerator" not in log and "building DeepSpeed's" not in log
+    assert log.count("accelerator cpu (gloo), 1 process(es)") == 1

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, subprocess_env, tiny_overrides
 
 PACKAGE = ROOT / "symeq_dist"
 ONLY_IMPORTERS = {
-    "deepspeed": {"runtime/engines.py", "runtime/checkpoint.py"},
+    "deepspeed": {"runtime/engines.py", "runtime/checkpoint.py", "runtime/ops.py"},
     "webdataset": {"datasets/common.py"},
     "tensorboard": {"runtime/monitor.py"},
 }

@@ -1,6 +1,7 @@
 """The `symeq` command: argument parsing, dispatch to `symeq_dist.api`, and exit codes. No training logic here.
 
     symeq train configs/mnist_ladder.yaml train.steps=200 engines.decoder.lr=2e-4
+    symeq resume runs/mnist_ladder train.steps=400
     symeq sample runs/demo --mode limiting --steps 1000 --n 64 --out grid.png
     symeq shards mnist --out data_shards/mnist ; symeq shards verify data_shards/mnist
     symeq demo
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="run config YAML (configs/*.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 "
                        "engines.decoder.lr=2e-4 resume=true")
+    resume = sub.add_parser("resume", help="continue a run from its directory, wherever it is",
+                            description="Continue RUN_DIR from its latest checkpoint with its stored config; "
+                                        "overrides may change train.steps, monitor.*, checkpoint.* and fault.*.")
+    resume.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
+    resume.add_argument("overrides", nargs="*", help="e.g. train.steps=40000")
     sample = sub.add_parser("sample", help="sample grids from a trained run")
     sample.add_argument("run_dir", type=Path)
     sample.add_argument("--mode", choices=["random", "limiting"], default="random",
@@ -62,10 +68,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         run_eval(args)
     elif args.command == "compare":
         run_compare(args)
-    elif args.command == "train":
+    elif args.command in ("train", "resume"):
         from symeq_dist import api
-        from symeq_dist.config import load_config
-        api.train(load_config(args.config, args.overrides), argv)
+        if args.command == "resume":
+            args.config, args.overrides = None, [f"run_dir={args.run_dir}", "resume=true", *args.overrides]
+        api.train(api.load_run_config(args.config, args.overrides), argv)
     elif args.command == "sample":
         from symeq_dist import api
         req = api.SampleRequest(run_dir=args.run_dir, mode=args.mode, steps=args.steps, num=args.num,

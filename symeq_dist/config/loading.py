@@ -119,8 +119,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=200")
-        _set_dotted(tree, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_first_line(err)}); quote "
+                              "lists and mappings completely, e.g. 'model.image_shape=[1,28,28]'") from None
+        _set_dotted(tree, key.strip().lstrip("-"), value)
     return tree
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +154,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise MissingInput(f"config file {path} not found; the shipped configs are in configs/")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not valid YAML: {_first_line(err)}; fix the file (the shipped configs in "
+                              "configs/ show the format)") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
         data = loaded

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from symeq_dist.config import DataConfig
-from symeq_dist.data.manifest import samples_per_member, split_entries
+from symeq_dist.data.manifest import load_manifest, samples_per_member, split_entries
 from symeq_dist.data.schema import BadSample, Schema
 from symeq_dist.data.tario import Decoded, ShardReader
 from symeq_dist.errors import InputError
@@ -297,8 +297,9 @@ def open_train_stream(shards_dir: Path, manifest: dict[str, Any], cfg: DataConfi
     plan = _Plan(reader=reader, seed=seed, window=cfg.shuffle_buffer, rank=rank, world_size=world_size,
                  batch_size=batch_size, num_workers=workers, cursor=Cursor(0, 0, 0, stride), first_step=0,
                  skip_bad=cfg.bad_samples == "skip")
-    log.info("train stream: split %s (%d samples in %d shards), rank %d/%d, %d worker(s), %d steps per epoch",
-             cfg.split, num_samples, len(reader.paths), rank, world_size, workers, num_samples // stride)
+    readers = f"{cfg.num_workers} DataLoader worker(s)" if cfg.num_workers else "read in this process (num_workers 0)"
+    log.info("train stream: split %s (%d samples in %d shards), rank %d/%d, %s, %d steps per epoch",
+             cfg.split, num_samples, len(reader.paths), rank, world_size, readers, num_samples // stride)
     return TrainStream(plan, use_workers=cfg.num_workers > 0)
 
 
@@ -334,3 +335,26 @@ def _eval_batches(reader: ShardReader, batch_size: int, skip_bad: bool) -> Itera
             yield collate(pending)
     finally:
         reader.close()
+
+
+def build_train_stream(cfg: DataConfig, *, seed: int, rank: int, world_size: int,
+                       batch_size: int) -> TrainStream:
+    """This rank's infinite, exactly resumable stream of `batch_size` (micro-batch) samples of `cfg.split`.
+
+    Raises:
+        FileNotFoundError: no manifest or a missing shard.
+        ValueError: unknown/empty split, or fewer samples than one step (world_size x batch_size).
+    """
+    shards_dir = Path(cfg.shards)
+    return open_train_stream(shards_dir, load_manifest(shards_dir), cfg, seed=seed, rank=rank,
+                             world_size=world_size, batch_size=batch_size)
+
+
+def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int) -> Iterator[Batch]:
+    """Every sample of `split` exactly once, in shard order, in-process; the last batch may be short.
+
+    Bad samples follow `cfg.bad_samples` (fail: DataError naming shard and key; skip: left out, logged).
+    """
+    shards_dir = Path(cfg.shards)
+    return iter_eval_batches(shards_dir, load_manifest(shards_dir), split=split, batch_size=batch_size,
+                             skip_bad=cfg.bad_samples == "skip")

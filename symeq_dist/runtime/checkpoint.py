@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
 from symeq_dist.runtime.engines import Engines, consolidated_weights
 
 log = logging.getLogger(__name__)
+STEP_NAME = re.compile(r"step_\d{8}")
 WEIGHTS_FILE = "weights.pt"
 PLAYERS = ("encoder", "decoder")
 
@@ -73,11 +75,25 @@ def latest_dir(run_dir: str | Path) -> Path | None:
     pointer = ckpt_root(run_dir) / "latest"
     if not pointer.is_file():
         return None
-    target = ckpt_root(run_dir) / pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} does not name a checkpoint (it should hold e.g. 'step_00000500'); write "
+                              f"the name of a complete step_* directory into it ({_complete_steps(run_dir)})")
+    target = ckpt_root(run_dir) / name
     if not (target / "meta.json").is_file():
         raise CheckpointError(f"{pointer} names {target}, which is incomplete; delete {pointer} to start "
                               "over or point it at an older step_* directory")
     return target
+
+
+def _complete_steps(run_dir: str | Path, before: Path | None = None) -> str:
+    """'complete: step_A, step_B' (older than `before` when given), for messages that suggest one."""
+    done = sorted(p.name for p in ckpt_root(run_dir).glob("step_*") if (p / "meta.json").is_file()
+                  and (before is None or p.name < before.name))
+    return f"complete: {', '.join(done)}" if done else "there is no other complete one"
 
 
 def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str, Any], *,
@@ -162,12 +178,13 @@ def load(run_dir: str | Path, engines: Engines, info: DistInfo) -> tuple[dict[st
     if target is None:
         raise CheckpointError(f"resume=true but {ckpt_root(run_dir)} holds no checkpoint; "
                               "drop resume=true to start a new run")
-    meta = json.loads((target / "meta.json").read_text())
+    meta = _read_meta(target)
     names = [name for name, _ in engines.items()]
     if meta["engines"] != names:
         raise CheckpointError(f"{target} holds engines {meta['engines']}, this run builds {names}; "
                               "game.kind must match the run being resumed")
     _check_stages(target, meta, engines)
+    _check_engine_files(target, names)
     old_world = int(meta["world_size"])
     if old_world == info.world_size:
         for name, engine in engines.items():
@@ -189,6 +206,17 @@ def _load_engine(engine: Any, folder: Path, name: str, target: Path) -> None:
     if path is None:
         raise CheckpointError(f"DeepSpeed found no '{name}' engine checkpoint in {folder}; point "
                               f"{target.parent / 'latest'} at an older complete step_* directory")
+
+
+def _check_engine_files(target: Path, names: list[str]) -> None:
+    """Every DeepSpeed file of the engines is a complete torch archive (a truncated copy fails deep inside
+    DeepSpeed with "PytorchStreamReader failed reading zip archive", naming no file)."""
+    for name in names:
+        for path in sorted((target / name).rglob("*.pt")):
+            if not zipfile.is_zipfile(path):
+                raise CheckpointError(f"{path} is truncated or corrupt (not a complete torch file); restore it, or "
+                                      f"point {target.parent / 'latest'} at an older step_* directory "
+                                      f"({_complete_steps(target.parent.parent, target)})")
 
 
 def _check_stages(target: Path, meta: dict[str, Any], engines: Engines) -> None:
@@ -287,6 +315,10 @@ def _to_universal(target: Path, name: str, old_world: int) -> None:
     os.replace(partial, out)
 
 
+def _no_mpu_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MPU is not provided")
+
+
 def _load_universal(engine: Any, target: Path, name: str) -> None:
     """Load <target>/universal/<name> into an engine built without `checkpoint.load_universal`."""
     folder = target / "universal"
@@ -294,10 +326,13 @@ def _load_universal(engine: Any, target: Path, name: str) -> None:
     # engine with {"checkpoint": {"load_universal": true}}; it is put back so later saves/loads are plain.
     config = engine._config
     before, config.load_universal_checkpoint = config.load_universal_checkpoint, True
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    deepspeed_log.addFilter(_no_mpu_warning)  # our engines have no tensor parallelism: tp size 1 is right
     try:
         _load_engine(engine, folder, name, target)
     finally:
         config.load_universal_checkpoint = before
+        deepspeed_log.removeFilter(_no_mpu_warning)
     if engine.zero_optimization_stage() == 3:
         # ZeRO-3's universal loader gives every parameter group group 0's lr/betas/eps/weight_decay; the
         # joint ELBO engine has two groups (encoder, decoder): put back each group's own from the checkpoint.
@@ -317,7 +352,20 @@ def load_meta(run_dir: str | Path) -> dict[str, Any]:
     if target is None:
         raise CheckpointError(f"{ckpt_root(run_dir)} holds no checkpoint; train the run first "
                               "(symeq train CONFIG run_dir=...)")
-    return json.loads((target / "meta.json").read_text())
+    return _read_meta(target)
+
+
+def _read_meta(target: Path) -> dict[str, Any]:
+    path = target / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not {"step", "world_size", "engines", "config"} <= set(meta):
+            raise ValueError("it lacks step, world_size, engines or config")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a checkpoint's meta.json ({err}); point {target.parent / 'latest'} "
+                              f"at an older step_* directory ({_complete_steps(target.parent.parent, target)})") \
+            from None
+    return meta
 
 
 def read_weights(target: Path) -> dict[str, dict[str, torch.Tensor]]:

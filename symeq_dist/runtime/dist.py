@@ -75,6 +75,11 @@ def init(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+def backend() -> str:
+    """The process group's backend ("gloo", "nccl"); "none" before `init`."""
+    return tdist.get_backend() if tdist.is_initialized() else "none"
+
+
 def shutdown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

@@ -25,6 +25,7 @@ from torch import nn
 from symeq_dist.config import ConfigError, EngineConfig, RunConfig
 from symeq_dist.errors import MissingInput
 from symeq_dist.runtime.dist import DistInfo
+from symeq_dist.runtime.ops import announce_build
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,13 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingInput(f"{path} not found; set engines.ds_config to the shared DeepSpeed JSON "
                                 f"(the repository root has ds_config.json)")
-    base = json.loads(path.read_text())
+    try:
+        base = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); fix it or set engines.ds_config to another file "
+                          "(the repository root has ds_config.json)") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path} must hold a JSON object of DeepSpeed settings, got {type(base).__name__}")
     for key, home in FORBIDDEN_KEYS.items():
         if key in base:
             raise ConfigError(f"{path}: '{key}' must not be set here; it has one home in the run config: {home}")
@@ -106,6 +113,7 @@ def build_engines(modules: dict[str, nn.Module], cfg: RunConfig, info: DistInfo)
     """
     base = load_ds_config(cfg.engines.ds_config)
     micro = cfg.micro_batch_size(info.world_size)
+    announce_build()
     dtype = torch.bfloat16 if base.get("bf16", {}).get("enabled") else torch.float32
     kw = {"micro_batch": micro, "grad_accumulation": cfg.train.grad_accumulation, "world_size": info.world_size}
     engines = {}

@@ -51,18 +51,36 @@ def save_png(grid: Tensor, path: Path, *, min_size: int = 480) -> None:
 
 
 class Monitor:
-    """Scalars, images and histograms to TensorBoard under <run_dir>/tb (rank 0 only)."""
+    """Scalars, images and histograms to TensorBoard under <run_dir>/tb (rank 0 only).
+
+    The event file is opened at the first write, so a run that fails to start leaves no tb/ behind. After a
+    resume, `purge_after(step)` makes that first open drop the events at steps > `step` that the crashed or
+    preempted run logged after its last checkpoint (TensorBoard would otherwise show those steps twice).
+    Scalars are flushed at every write: a crash loses at most the current logging interval.
+    """
 
     def __init__(self, run_dir: Path, *, enabled: bool) -> None:
         self.run_dir = Path(run_dir)
         self.tb_dir = self.run_dir / "tb"
         self.enabled = enabled
-        self.writer = SummaryWriter(str(self.tb_dir)) if enabled else None
+        self._writer: SummaryWriter | None = None
+        self._purge_step: int | None = None
+
+    def purge_after(self, step: int) -> None:
+        """Resumed at `step`: events at later steps, from before the resume, are dropped."""
+        self._purge_step = step + 1
+
+    @property
+    def writer(self) -> SummaryWriter | None:
+        if self._writer is None and self.enabled:
+            self._writer = SummaryWriter(str(self.tb_dir), purge_step=self._purge_step)
+        return self._writer
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
 
     def image(self, tag: str, images: Tensor, step: int, *, save_as: str | None = None) -> None:
         """Log (N, C, H, W) images as one grid; optionally also save it as samples/<save_as>."""
@@ -83,10 +101,10 @@ class Monitor:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self.enabled = None, False

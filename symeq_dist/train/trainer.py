@@ -102,6 +102,7 @@ class Trainer:
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         self.state = TrainState(**state["train"])
+        self.monitor.purge_after(self.state.step)  # drop what the interrupted run logged past its checkpoint
         if self.guard is not None:
             self.guard.state = self.state.grad_norms
         self.stream.load_state_dict(state["stream"])
@@ -263,6 +264,10 @@ class Trainer:
         """Run until step `until` (default train.steps); returns the last logged scalars (rank-averaged)."""
         cfg, last = self.cfg, {}
         until = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        if self.state.step >= until:
+            log.warning("nothing to train: the run is at step %d and train.steps=%d; raise train.steps to continue "
+                        "(e.g. train.steps=%d)", self.state.step, cfg.train.steps, max(2 * self.state.step, 1))
+            return last
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
                    disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
         self._tick = time.perf_counter()
