@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ import torch
 from symeq_dist import sampling
 from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config, parse_overrides
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
+from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.model import load_trained
 from symeq_dist.game import build_game
 from symeq_dist.models import build_players
 from symeq_dist.priors import build_prior
 from symeq_dist.runtime import checkpoint, dist
 from symeq_dist.runtime.engines import build_engines
-from symeq_dist.runtime.monitor import Monitor, make_grid, save_png, setup_logging
+from symeq_dist.runtime.monitor import Monitor, setup_logging
 from symeq_dist.train.drills import FAULT_ENV, FaultPlan
 from symeq_dist.train.preemption import PREEMPTED_FILE
 from symeq_dist.train.state import make_generators
@@ -195,26 +197,47 @@ class SampleRequest:
     num: int = 64
     out: Path = Path("grid.png")
     seed: int = 0
+    format: str = "grid"
+    """grid (one PNG), png-dir (one PNG per sample) or npz (arr_0: uint8 (N, H, W, C)); see eval/export.py."""
+    batch_size: int = 500
+    """Samples generated at once (memory stays bounded whatever `num` is)."""
 
 
-def sample(req: SampleRequest) -> Path:
-    """Random-code or limiting-chain samples from a run's latest checkpoint, as a PNG grid."""
+@dataclass(frozen=True)
+class SampleResult:
+    path: Path
+    num: int
+    step: int
+    """The training step of the checkpoint the samples come from."""
+
+
+def sample(req: SampleRequest) -> SampleResult:
+    """Random-code or limiting-chain samples from a run's latest checkpoint, written in `req.format`."""
+    from tqdm import tqdm
+
     model = load_trained(req.run_dir)  # on the accelerator when there is one
     cfg, device = model.cfg, model.device
     gen = make_generators(req.seed, 0, device)["grid"]
-    if req.mode == "random":
-        images = sampling.random_code(model.decoder, model.prior, req.num, gen, device)
-    else:
-        from tqdm import tqdm
-        data = _eval_images(cfg, req.num)
-        x = sampling.init_chain(cfg.sampling.chain_init, decoder=model.decoder, prior=model.prior, num=req.num,
-                                generator=gen, device=device, image_shape=cfg.model.image_shape,
-                                data=None if data is None else data.to(device))
-        with tqdm(total=req.steps, desc="limiting chain", unit="step") as bar:
+    sizes = [min(req.batch_size, req.num - start) for start in range(0, req.num, req.batch_size)]
+    work = len(sizes) * (req.steps if req.mode == "limiting" else 1)
+    bar = tqdm(total=work, desc=f"{req.mode} samples", unit="step", disable=work < 2)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for num in sizes:
+            if req.mode == "random":
+                yield sampling.random_code(model.decoder, model.prior, num, gen, device)
+                bar.update(1)
+                continue
+            data = _eval_images(cfg, num)
+            x = sampling.init_chain(cfg.sampling.chain_init, decoder=model.decoder, prior=model.prior, num=num,
+                                    generator=gen, device=device, image_shape=cfg.model.image_shape,
+                                    data=None if data is None else data.to(device))
             x = sampling.run_chain(model.encoder, model.decoder, x, req.steps, gen, on_step=lambda _: bar.update(1))
-        images = sampling.chain_output(model.encoder, model.decoder, x, gen)
-    save_png(make_grid(images), req.out)
-    return req.out
+            yield sampling.chain_output(model.encoder, model.decoder, x, gen)
+
+    with bar:
+        count = write_samples(chunks(), req.out, req.format)
+    return SampleResult(path=req.out, num=count, step=model.step)
 
 
 def _eval_images(cfg: RunConfig, num: int) -> torch.Tensor | None:

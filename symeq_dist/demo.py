@@ -44,7 +44,7 @@ def run_demo(config: Path = DEMO_CONFIG, overrides: list[str] | None = None, cha
     for mode, steps in (("random", 0), ("limiting", chain_steps)):
         out = run_dir / "samples" / f"final_{mode}.png"
         grids[mode] = api.sample(api.SampleRequest(run_dir=run_dir, mode=mode, steps=steps, num=64, out=out,
-                                                     seed=cfg.seed))
+                                                     seed=cfg.seed)).path
     _print_summary(run_dir, last, minutes, grids, chain_steps)
     return run_dir
 

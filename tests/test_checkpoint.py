@@ -66,4 +66,4 @@ def test_sampling_needs_only_the_weights_file(tmp_path: Path, mnist_shards: Path
     for engine in checkpoint.load_meta(run)["engines"]:
         shutil.rmtree(target / engine)
     out = api.sample(api.SampleRequest(run_dir=run, mode="limiting", steps=2, num=4, out=tmp_path / "g.png"))
-    assert out.is_file()
+    assert out.path.is_file()

@@ -79,7 +79,7 @@ def test_sample_random_from_the_command_line(tmp_path: Path, mnist_shards: Path,
                                                                                 "checkpoint.every=2")]) == 0
     out = tmp_path / "random.png"
     assert main(["sample", str(run), "--mode", "random", "--n", "9", "--out", str(out)]) == 0
-    assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    assert out.is_file() and f"wrote {out}: 9 random-code samples (grid)" in capsys.readouterr().out
     from PIL import Image
 
     with Image.open(out) as grid:  # 3 x 3 grid of 28 x 28 with 2-pixel padding, enlarged to >= 480 wide
@@ -117,3 +117,29 @@ def test_training_names_the_accelerator_once_and_builds_nothing(tmp_path: Path, 
     log = done.stderr + done.stdout
     assert "Setting accelerator" not in log and "building DeepSpeed's" not in log
     assert log.count("accelerator cpu (gloo), 1 process(es)") == 1
+
+
+@pytest.mark.parametrize("mode", ["random", "limiting"])
+def test_sample_formats_for_fid_tools(tmp_path: Path, mnist_shards: Path, mode: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`symeq sample --format png-dir|npz`: the sets pytorch-fid, clean-fid and torch-fidelity read, in chunks of
+    --batch-size, reproducible under --seed; the printed line names the checkpoint's training step."""
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs/debug_cpu.yaml"), *tiny_overrides(run, mnist_shards, "train.steps=2",
+                                                                                "checkpoint.every=2")]) == 0
+    capsys.readouterr()
+    common = ["sample", str(run), "--mode", mode, "--steps", "2", "--n", "7", "--batch-size", "3"]
+    assert main([*common, "--format", "png-dir", "--out", str(tmp_path / "pngs")]) == 0
+    assert "at training step 2" in capsys.readouterr().out
+    pngs = sorted((tmp_path / "pngs").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(7)]
+    with Image.open(pngs[0]) as first:
+        assert first.size == (28, 28) and first.mode == "L"
+    assert main([*common, "--format", "npz", "--out", str(tmp_path / "s.npz")]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (7, 28, 28, 1) and arr.dtype == np.uint8
+    assert all(np.array_equal(arr[i, ..., 0], np.asarray(Image.open(p))) for i, p in enumerate(pngs))  # same seed
+    assert main([*common, "--format", "npz", "--out", str(tmp_path / "bad.png")]) == 2  # named: needs .npz

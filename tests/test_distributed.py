@@ -53,7 +53,8 @@ def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path,
     live = ranks[0]["joint"] if kind == "elbo" else {f"decoder.{k}": v for k, v in ranks[0]["decoder"].items()}
     for key, value in decoder.state_dict().items():
         assert torch.equal(value, live[f"decoder.{key}"].float()), key
-    assert sample(SampleRequest(run_dir=run_dir, mode="limiting", steps=3, num=4, out=tmp_path / "g.png")).is_file()
+    req = SampleRequest(run_dir=run_dir, mode="limiting", steps=3, num=4, out=tmp_path / "g.png")
+    assert sample(req).path.is_file()
 
 
 def test_two_ranks_resume_bitwise(tmp_path: Path, mnist_shards: Path) -> None:

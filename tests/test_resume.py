@@ -4,6 +4,7 @@ refused start writes nothing, every error names the file, TensorBoard shows each
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,22 @@ def test_a_zero_stage_changed_inside_ds_config_is_refused(tmp_path: Path, mnist_
     with pytest.raises(checkpoint.CheckpointError, match="engine at ZeRO stage 2, this run builds stage 1"):
         run_training(load_run_config(CONFIG, _tiny(run, mnist_shards, "train.steps=4", "resume=true",
                                                    f"engines.ds_config={ds}")))
+
+
+# ---------------------------------------------------------------- 9-10: logs in files
+@pytest.mark.parametrize("extra", [(), ("monitor.progress=false",), ("game.kind=elbo",)], ids=["default",
+                                                                                             "no-progress", "elbo"])
+def test_logs_read_well_in_a_file(tmp_path: Path, mnist_shards: Path, extra: tuple[str, ...]) -> None:
+    """Not a terminal (a SLURM output file): no progress bar, a plain line per logging interval with the step,
+    every engine's loss (the ELBO's joint loss and its terms), MI and throughput, then a summary."""
+    run = tmp_path / "run"
+    done = _cli("train", CONFIG, *_tiny(run, mnist_shards, "train.steps=4", "monitor.log_every=2", *extra))
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stderr + done.stdout
+    assert "\r" not in log and "it/s]" not in log  # no tqdm redraws
+    lines = [line for line in log.splitlines() if re.search(r"symeq: step \d+/4 \|", line)]
+    assert len(lines) == 2 and all("img/s | ETA" in line and "nan" not in line for line in lines)
+    losses = ["joint", "(x ", "kl "] if "game.kind=elbo" in extra else ["decoder", "encoder"]
+    assert all(all(word in line for word in losses) for line in lines) and "MI enc" in lines[-1]
+    assert f"checkpoint: {checkpoint.latest_dir(run)}" in log
+    assert f"tensorboard --logdir {run / 'tb'}" in log and "sample grids:" in log

@@ -162,7 +162,7 @@ def test_hierarchical_ladder_trains_and_samples(tmp_path: Path, mnist_shards: Pa
     tags = _events(tmp_path / "ladder").Tags()["scalars"]
     assert {"train/encoder/mi/z0_mean", "train/encoder/mi/z1_mean", "train/decoder/mi/z1_mean"} <= set(tags)
     out = sample(SampleRequest(run_dir=tmp_path / "ladder", mode="limiting", steps=5, num=4, out=tmp_path / "g.png"))
-    assert out.is_file()
+    assert out.path.is_file()
 
 
 def test_nonfinite_policy(tmp_path: Path, mnist_shards: Path) -> None:
@@ -190,7 +190,7 @@ def test_bf16_engines_train_and_sample(tmp_path: Path, mnist_shards: Path) -> No
     last = _train(tmp_path, mnist_shards, "bf16", f"engines.ds_config={ds}", "train.steps=3")
     assert math.isfinite(last["train/decoder/loss"]) and math.isfinite(last["train/encoder/loss"])
     req = SampleRequest(run_dir=tmp_path / "bf16", mode="limiting", steps=3, num=4, out=tmp_path / "g.png")
-    assert sample(req).is_file()
+    assert sample(req).path.is_file()
 
 
 def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) -> None:

@@ -47,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="random code (z ~ prior, decode) or the limiting chain x -> z -> x")
     sample.add_argument("--steps", type=int, default=1000, help="limiting-chain steps (default 1000)")
     sample.add_argument("--n", type=int, default=64, dest="num", help="number of samples")
-    sample.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG file to write")
+    sample.add_argument("--out", type=Path, default=Path("grid.png"),
+                        help="the grid's PNG file, the PNG folder (png-dir) or the .npz file to write")
+    sample.add_argument("--format", choices=["grid", "png-dir", "npz"], default="grid",
+                        help="grid: one PNG to look at; png-dir: one 8-bit PNG per sample (pytorch-fid, clean-fid, "
+                             "torch-fidelity); npz: arr_0 uint8 (N, H, W, C)")
+    sample.add_argument("--batch-size", type=int, default=500, help="samples generated at once")
     sample.add_argument("--seed", type=int, default=0)
     # listed here for --help only: `main` hands `symeq shards ...` to cli/shards.py, so only it loads the converters
     sub.add_parser("shards", help="convert a data set to webdataset shards, or verify shards (symeq shards --help)")
@@ -76,8 +81,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     elif args.command == "sample":
         from symeq_dist import api
         req = api.SampleRequest(run_dir=args.run_dir, mode=args.mode, steps=args.steps, num=args.num,
-                                out=args.out, seed=args.seed)
-        print(f"wrote {api.sample(req)}")
+                                out=args.out, seed=args.seed, format=args.format, batch_size=args.batch_size)
+        result = api.sample(req)
+        what = "random-code" if args.mode == "random" else f"limiting-chain ({args.steps} steps)"
+        print(f"wrote {result.path}: {result.num} {what} samples ({args.format}) from {args.run_dir} at "
+              f"training step {result.step}")
     else:
         from symeq_dist.demo import run_demo
         run_demo(args.config, args.overrides, args.chain_steps)

@@ -33,11 +33,11 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from symeq_dist import sampling
 from symeq_dist.config import ConfigError, RunConfig
@@ -52,6 +52,7 @@ from symeq_dist.runtime.monitor import Monitor
 from symeq_dist.train.drills import FaultPlan
 from symeq_dist.train.guards import GradGuard, NonFiniteLoss
 from symeq_dist.train.preemption import Preempted, PreemptWatcher, mark_preempted
+from symeq_dist.train.progress import Progress
 from symeq_dist.train.state import TrainState, make_generators
 
 log = logging.getLogger(__name__)
@@ -268,19 +269,18 @@ class Trainer:
             log.warning("nothing to train: the run is at step %d and train.steps=%d; raise train.steps to continue "
                         "(e.g. train.steps=%d)", self.state.step, cfg.train.steps, max(2 * self.state.step, 1))
             return last
-        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", unit="it",
-                   disable=not (self.info.is_main and cfg.monitor.progress), dynamic_ncols=True)
+        progress = Progress(enabled=self.info.is_main, bar=cfg.monitor.progress, total=cfg.train.steps,
+                            initial=self.state.step, engines=list(self.game.losses))
         self._tick = time.perf_counter()
-        with PreemptWatcher(cfg.fault.preempt_signals) as watcher:
+        with PreemptWatcher(cfg.fault.preempt_signals) as watcher, progress:
             while self.state.step < until:
                 self.faults.before_step(self.state.step + 1, self.info.rank)
                 self._iteration()
                 step, done = self.state.step, self.state.step == cfg.train.steps
-                bar.update(1)
+                progress.step()
                 if step % cfg.monitor.log_every == 0 or done:
                     last = self._log_scalars()
-                    bar.set_postfix(dec=f"{last.get('train/decoder/loss', float('nan')):.2f}",
-                                    enc=f"{last.get('train/encoder/loss', float('nan')):.2f}")
+                    progress.report(step, last)
                 if step % cfg.monitor.image_every == 0 or done:
                     self.log_images()
                 saved = step % cfg.checkpoint.every == 0 or done
@@ -291,11 +291,12 @@ class Trainer:
                         self.save_checkpoint()
                     if self.info.is_main:  # for the sbatch script, in case srun reports another task's code
                         mark_preempted(cfg.run_dir, step)
-                    bar.close()
                     self.monitor.flush()
                     raise Preempted(step, watcher.signalled or "a preemption signal on another rank")
-        bar.close()
         self.monitor.flush()
+        if self.state.step == cfg.train.steps:
+            progress.summary(step=self.state.step, values=last, run_dir=Path(cfg.run_dir),
+                             checkpoint=checkpoint.latest_dir(cfg.run_dir) if self.info.is_main else None)
         return last
 
     def close(self) -> None:
