@@ -30,7 +30,10 @@ class MIMonitor:
     def update(self, player: str, dists: dict[str, Distribution]) -> None:
         for name, dist in dists.items():
             key = f"{player}/{name}"
-            mi = dist.mutual_information().float()
+            mi = dist.mutual_information()
+            if mi is None:  # a factor whose MI is not measured (e.g. the 256-way pixels of a logistic mixture)
+                continue
+            mi = mi.float()
             old = self.ema.get(key)
             self.ema[key] = mi if old is None else self.decay * old + (1 - self.decay) * mi
 

@@ -58,8 +58,9 @@ class Distribution:
         """(B,) analytic KL(self || other), summed over event dims; `other` is of the same family."""
         raise NotImplementedError
 
-    def mutual_information(self) -> Tensor:
-        """(D,) per flattened event dim: MI (nats) between the variable and its conditioning input.
+    def mutual_information(self) -> Tensor | None:
+        """(D,) per flattened event dim: MI (nats) between the variable and its conditioning input, or None
+        for a family whose MI is not measured (the monitors skip it).
 
         The batch mixture of the B distributions is used as the marginal (METHOD §13.3).
         """

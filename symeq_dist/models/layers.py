@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
+from symeq_dist.models.logistic_mixture import DiscretizedLogisticMixture, num_params
 
 
 class PackedDistribution(dict):
@@ -32,7 +33,7 @@ def pack(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: pack(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(pack(v) for v in value)
+        return _rebuild(value, [pack(v) for v in value])
     return value
 
 
@@ -45,8 +46,13 @@ def unpack(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: unpack(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(unpack(v) for v in value)
+        return _rebuild(value, [unpack(v) for v in value])
     return value
+
+
+def _rebuild(like: tuple | list, items: list[Any]) -> Any:
+    """A tuple, named tuple or list of the same type as `like` holding `items`."""
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -56,7 +62,7 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, dict):
         return {k: _cast(v, dtype) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
+        return _rebuild(value, [_cast(v, dtype) for v in value])
     return value
 
 
@@ -112,7 +118,8 @@ class SkipMLP(nn.Module):
 
 
 class XHead(nn.Module):
-    """Turns the image net's output into p(x|z): Bernoulli logits, or a Gaussian mean with learned log sigma.
+    """Turns the image net's output into p(x|z): Bernoulli logits, a Gaussian mean with learned log sigma, or
+    the parameters of a discretised logistic mixture (8-bit colour; `out` has `x_head_channels` channels).
 
     Gaussian: `sigma_shape` () is one global log sigma, the image shape one per pixel; init 0 (sigma = 1). The
     global one is stored with shape (1,), not as a 0-dim tensor: DeepSpeed's parameter broadcast at engine
@@ -120,15 +127,23 @@ class XHead(nn.Module):
     The parameter is cloned inside this forward (never returned itself) for ZeRO-3.
     """
 
-    def __init__(self, family: str, sigma_shape: tuple[int, ...] = ()) -> None:
+    def __init__(self, family: str, sigma_shape: tuple[int, ...] = (), *, channels: int = 1,
+                 num_mixtures: int = 10) -> None:
         super().__init__()
-        if family not in ("bernoulli", "gaussian"):
-            raise ValueError(f"x_dist must be 'bernoulli' or 'gaussian', got {family!r}")
-        self.family = family
+        if family not in ("bernoulli", "gaussian", "logistic_mixture"):
+            raise ValueError(f"x_dist must be 'bernoulli', 'gaussian' or 'logistic_mixture', got {family!r}")
+        self.family, self.channels, self.num_mixtures = family, channels, num_mixtures
         self.log_sigma = nn.Parameter(torch.zeros(sigma_shape or (1,))) if family == "gaussian" else None
 
-    def forward(self, out: Tensor) -> PackedDistribution:  # out (B, C, H, W): logits or mu
+    def forward(self, out: Tensor) -> PackedDistribution:  # out (B, x_head_channels, H, W)
         """Returns the distribution packed (see `pack`); callers `unpack` it."""
+        if self.family == "logistic_mixture":
+            return pack(DiscretizedLogisticMixture(out, self.channels, self.num_mixtures))
         if self.log_sigma is None:
             return pack(Bernoulli(out))
         return pack(Gaussian(out, self.log_sigma.clone()))
+
+
+def x_head_channels(family: str, channels: int, num_mixtures: int) -> int:
+    """Channels the image net must output for XHead(family): C, or the logistic mixture's parameters."""
+    return num_params(channels, num_mixtures) if family == "logistic_mixture" else channels

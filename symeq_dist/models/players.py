@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,18 @@ from symeq_dist.models.layers import OpModule, draw
 
 Latents = dict[str, Tensor]
 Sample = tuple[Latents, dict[str, Distribution]]
-Posterior = Callable[[str, Distribution | None], Distribution]
-"""The encoder's factor for latent `name` given the decoder's conditional of it (None for the top)."""
+Posterior = Callable[[str, Distribution | None, Tensor | None], Distribution]
+"""The encoder's factor for latent `name`, given the decoder's conditional of it (None for the top) and the
+decoder's top-down state where that latent enters (None for families without one)."""
+
+
+class TopDown(NamedTuple):
+    """What `Decoder.top_down` computed: every latent, the decoder's conditionals of the non-top latents, and
+    its top-down state where each latent enters (families without such a state leave it empty)."""
+
+    z: Latents
+    priors: dict[str, Distribution]
+    states: dict[str, Tensor]
 
 
 class Decoder(OpModule):
@@ -61,17 +71,15 @@ class Decoder(OpModule):
         return self.call("x_dist", z)
 
     def top_down(self, z: Latents | None = None, *, posterior: Posterior | None = None,
-                 generator: torch.Generator | None = None, reparam: bool = False) -> Sample:
+                 generator: torch.Generator | None = None, reparam: bool = False) -> TopDown:
         """The decoder's top-down pass over the latents, in ONE operation (one ZeRO-3 gather).
 
-        For each latent in ancestral order the decoder computes p(z_t | z_<t) (nothing for the top), then
-        takes z_t from `z` when given (teacher forcing), else draws it from `posterior(name, p_t)` (an
-        encoder's factor, which may combine p_t's parameters with its own), else from p_t itself.
-
-        Returns:
-            z for every latent, and the decoder's conditionals p(z_t | z_<t) of the non-top latents.
+        For each latent in ancestral order the decoder computes its state and p(z_t | z_<t) (nothing for the
+        top), then takes z_t from `z` when given (teacher forcing), else draws it from
+        `posterior(name, p_t, state_t)` (an encoder's factor, which may combine the decoder's parameters or
+        state with its own), else from p_t itself.
         """
-        return self.call("top_down", z, posterior=posterior, generator=generator, reparam=reparam)
+        return TopDown(*self.call("top_down", z, posterior=posterior, generator=generator, reparam=reparam))
 
     # ---- private implementations, entered through forward
     def _latent_conditional(self, name: str, z: Latents) -> Distribution:
@@ -81,30 +89,35 @@ class Decoder(OpModule):
         raise NotImplementedError
 
     def _top_down(self, z: Latents | None = None, posterior: Posterior | None = None,
-                  generator: torch.Generator | None = None, reparam: bool = False) -> Sample:
+                  generator: torch.Generator | None = None, reparam: bool = False) -> TopDown:
         z = dict(z or {})
         priors: dict[str, Distribution] = {}
         for i, name in enumerate(self.latent_names):
             p = self._latent_conditional(name, z) if i else None
             if p is not None:
                 priors[name] = p
-            if name in z:
-                continue
-            dist = posterior(name, p) if posterior is not None else p
-            if dist is None:
-                raise ValueError(f"top_down: the top latent {name!r} needs a value in z or a posterior")
-            z[name] = draw(dist, generator, reparam)
-        return z, priors
+            if name not in z:
+                z[name] = draw(pick(name, p, None, posterior), generator, reparam)
+        return TopDown(z, priors, {})
 
     def _conditionals(self, z: Latents) -> dict[str, Distribution]:
-        _, priors = self._top_down(z)
+        _, priors, _ = self._top_down(z)
         return {**priors, "x": self._x_dist(z)}
 
     def _sample(self, z_top: Tensor, generator: torch.Generator | None = None,
                 reparam: bool = False) -> tuple[Latents, Tensor, dict[str, Distribution]]:
-        z, priors = self._top_down({self.latent_names[0]: z_top}, generator=generator, reparam=reparam)
+        z, priors, _ = self._top_down({self.latent_names[0]: z_top}, generator=generator, reparam=reparam)
         p_x = self._x_dist(z)
         return z, draw(p_x, generator, reparam), {**priors, "x": p_x}
+
+
+def pick(name: str, prior: Distribution | None, state: Tensor | None, posterior: Posterior | None) -> Distribution:
+    """The distribution latent `name` is drawn from in a top-down pass: the encoder's posterior when one is
+    given, else the decoder's conditional (the top latent has none: it needs a value or a posterior)."""
+    dist = posterior(name, prior, state) if posterior is not None else prior
+    if dist is None:
+        raise ValueError(f"top_down: the top latent {name!r} needs a value in z or a posterior")
+    return dist
 
 
 class Encoder(OpModule):

@@ -53,20 +53,20 @@ class LadderEncoder(Encoder):
         s0, s1 = self.heads(self.trunk(x))
         q: dict[str, Distribution] = {}
 
-        def posterior(name: str, p: Distribution | None) -> Distribution:
+        def posterior(name: str, p: Distribution | None, state: Tensor | None) -> Distribution:
             if p is None:
                 q[name] = Bernoulli(s0)
             else:  # ELBO (reparam): theta gets gradients through g_theta; otherwise g_theta is a constant
                 q[name] = Bernoulli((p.logits if reparam else p.logits.detach()) + s1)
             return q[name]
 
-        z, _ = decoder.top_down(posterior=posterior, generator=generator, reparam=reparam)
+        z = decoder.top_down(posterior=posterior, generator=generator, reparam=reparam).z
         return z, q
 
     def _conditionals(self, x: Tensor, z: Latents, decoder: Decoder) -> dict[str, Distribution]:
         s0, s1 = self.heads(self.trunk(x))
         with torch.no_grad():  # detaching rule: the decoder's p(z1|z0) is a constant in the encoder step
-            _, p = decoder.top_down(z)
+            p = decoder.top_down(z).priors
         return {"z0": Bernoulli(s0), "z1": Bernoulli(p["z1"].logits + s1)}
 
 
