@@ -1,4 +1,6 @@
-"""Feature networks: the FD-clf classifier on real MNIST digits; the FID InceptionV3 (random init, real file if any)."""
+"""Feature networks: the FD-clf network on real MNIST digits (class labels), digits-seg canvases (classes present in
+the mask), miniature CelebA (attributes) and label-less folders (rotation); the FID InceptionV3 (random init, real
+file if any)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from face_trees import make_celeba_tree
+from PIL import Image
 
+from symeq_dist.config import DataConfig
+from symeq_dist.data import build_eval_batches
+from symeq_dist.data.schema import Schema
+from symeq_dist.datasets.celeba import CELEBA_ATTRIBUTES, write_celeba_shards
+from symeq_dist.datasets.celebamask_hq import MASK_CLASSES
+from symeq_dist.datasets.digits_seg import write_digits_seg_shards
+from symeq_dist.datasets.folder import write_folder_shards
 from symeq_dist.datasets.mnist import read_mnist_5k
 from symeq_dist.datasets.packed import write_shards
 from symeq_dist.eval.features.classifier import CLASSIFIER_KEYS, load_classifier_features, train_classifier
@@ -24,6 +35,8 @@ from symeq_dist.eval.features.inception import (
     inception_state_dict_template,
     load_inception_features,
 )
+from symeq_dist.eval.features.targets import FLIPS, feature_target, inputs_and_targets
+from symeq_dist.eval.run import _classify
 from tests.conftest import subprocess_env
 
 # pytorch-fid's FID InceptionV3 with the 1008-class fc, without AuxLogits. Derivation, independent of our code:
@@ -93,7 +106,8 @@ def test_classifier_end_to_end(tiny_shards: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         assert features.classify(_digits(6)).shape == (6, 10)
     assert features.info() == {"name": info["name"], "kind": "classifier", "dim": 32, "sha256": info["sha256"],
-                               "path": str(out),
+                               "path": str(out), "target": "class", "target_names": [str(k) for k in range(10)],
+                               "target_description": "10 classes (softmax, cross-entropy)", "accuracy_split": "valid",
                                "valid_accuracy": info["valid_accuracy"], "dataset": "tiny", "epochs": 2, "seed": 0}
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
         features(torch.rand(2, 1, 32, 32))
@@ -183,11 +197,116 @@ def test_classifier_file_errors(tmp_path: Path) -> None:
         load_classifier_features(other)
 
 
-def test_train_classifier_needs_valid_split(tmp_path: Path) -> None:
+def test_classifier_without_valid_split_reports_train_accuracy(tmp_path: Path) -> None:
+    """No 'valid' split (`symeq shards folder` writes none by default): accuracy on 'train', said so; 64 < 1 batch."""
     images, labels = read_mnist_5k()
     write_shards(tmp_path, {"train": (images[:64], labels[:64])}, dataset="tiny", samples_per_shard=64, meta={})
-    with pytest.raises(ValueError, match="no 'valid' split"):
-        train_classifier(tmp_path, tmp_path / "classifier.pt", epochs=1, progress=False)
+    info = train_classifier(tmp_path, tmp_path / "classifier.pt", epochs=1, progress=False)
+    assert info["accuracy_split"] == "train" and info["target"] == "class" and 0 <= info["valid_accuracy"] <= 1
+    assert load_classifier_features(info["path"]).info()["accuracy_split"] == "train"
+
+
+# ---------------------------------------------------------------- feature networks for every schema
+
+@pytest.fixture(scope="module")
+def seg_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits-seg: 1-3 real MNIST glyphs per 28 x 28 canvas, label maps, no class labels."""
+    out = tmp_path_factory.mktemp("seg") / "shards"
+    write_digits_seg_shards(out, canvas=28, num_train=512, num_valid=128, samples_per_shard=256)
+    return out
+
+
+@pytest.fixture(scope="module")
+def celeba_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A miniature CelebA (noise images, the 40 real attribute names): 16 x 16 RGB, attributes, no classes."""
+    out = tmp_path_factory.mktemp("celeba") / "shards"
+    write_celeba_shards(make_celeba_tree(tmp_path_factory.mktemp("celeba_tree"), 45), out, size=16, image_format="png",
+                        samples_per_shard=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Plain folder shards (no labels, masks or valid split): 160 grey noise images with a bright bar at the top."""
+    root, rng = tmp_path_factory.mktemp("folder_tree"), np.random.default_rng(0)
+    for i in range(160):
+        image, start = rng.integers(0, 96, (20, 20), dtype=np.uint8), int(rng.integers(0, 8))
+        image[1:4, start:start + int(rng.integers(8, 13))] = 255  # the orientation is learnable
+        Image.fromarray(image).save(root / f"{i:03d}.png")
+    out = tmp_path_factory.mktemp("folder") / "shards"
+    write_folder_shards(root, out, size=16, grey=True, image_format="png", samples_per_shard=64)
+    return out
+
+
+def test_feature_target_follows_the_schema() -> None:
+    """Class labels -> softmax; attributes (also beside a mask) -> multi-label; a mask alone -> the classes present
+    (background left out); nothing -> rotation prediction (shape-keeping flips for non-square images)."""
+    def target(**schema: object) -> tuple[str, tuple[str, ...], bool]:
+        found = feature_target(Schema(**schema).to_manifest())  # type: ignore[arg-type]
+        return found.kind, found.names, found.multi_label
+    assert target(image_shape=(1, 28, 28), num_classes=10) == ("class", tuple(map(str, range(10))), False)
+    assert target(image_shape=(3, 64, 64), attributes=CELEBA_ATTRIBUTES) == ("attributes", CELEBA_ATTRIBUTES, True)
+    assert target(image_shape=(3, 64, 64), attributes=CELEBA_ATTRIBUTES,
+                  mask_classes=MASK_CLASSES) == ("attributes", CELEBA_ATTRIBUTES, True)  # CelebAMask-HQ
+    assert target(image_shape=(3, 64, 64), mask_classes=MASK_CLASSES) == ("mask_classes", MASK_CLASSES[1:], True)
+    assert target(image_shape=(3, 32, 32)) == ("rotation", ("0", "90", "180", "270"), False)
+    assert target(image_shape=(3, 32, 48)) == ("rotation", FLIPS, False)
+    assert feature_target({"image_shape": [1, 28, 28], "num_classes": 10, "splits": {}}).kind == "class"  # v1
+    x = torch.rand(8, 3, 32, 48)  # (B, C, H, W): image i gets transform (i + step) mod 4, each keeps the shape
+    flipped, turns = inputs_and_targets(feature_target(Schema(image_shape=(3, 32, 48)).to_manifest()), x, {}, 3)
+    assert turns.tolist() == [3, 0, 1, 2] * 2 and torch.equal(flipped[1], x[1])
+    assert torch.equal(flipped[2], x[2].flip(1)) and torch.equal(flipped[4], x[4].flip(1, 2))
+
+
+def test_feature_network_on_digits_seg_learns_the_classes_in_the_mask(seg_shards: Path, tmp_path: Path) -> None:
+    info = train_classifier(seg_shards, tmp_path / "classifier.pt", epochs=8, batch_size=32, feature_dim=32,
+                            progress=False)
+    assert info["target"] == "mask_classes" and info["accuracy_split"] == "valid" and info["num_valid"] == 128
+    present = torch.cat([torch.stack([(batch["mask"].flatten(1) == k + 1).any(1) for k in range(10)], 1)
+                         for batch in build_eval_batches(DataConfig(shards=str(seg_shards), num_workers=0),
+                                                         split="valid", batch_size=64)])  # (128, 10)
+    all_absent = 1 - present.float().mean().item()  # the constant answer's accuracy (1-3 of 10 digits: ~0.82)
+    assert all_absent + 0.03 < info["valid_accuracy"] <= 1.0, (info["valid_accuracy"], all_absent)
+    features = load_classifier_features(info["path"])
+    assert features.target == features.info()["target"] == "mask_classes" and features.name == info["name"]
+    assert features.info()["target_names"] == list("0123456789")  # mask ids 1..10, the background left out
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert features(images).shape == (5, 32) and features.classify(images).shape == (5, 10)
+    assert _classify(features, images) is None  # presence logits are no class ids: t-SNE points stay uncoloured
+
+
+def test_feature_network_on_attribute_shards(celeba_shards: Path, tmp_path: Path) -> None:
+    """CelebA's 40 attributes as multi-label targets; its train split (15 images) is smaller than a default batch."""
+    info = train_classifier(celeba_shards, tmp_path / "classifier.pt", epochs=2, feature_dim=16, progress=False)
+    assert info["target"] == "attributes" and info["accuracy_split"] == "valid" and info["num_train"] == 15
+    features = load_classifier_features(info["path"])
+    assert features.info()["target"] == "attributes" and features.info()["target_names"] == list(CELEBA_ATTRIBUTES)
+    with torch.no_grad():
+        assert features(x := torch.rand(3, 3, 16, 16)).shape == (3, 16) and features.classify(x).shape == (3, 40)
+
+
+def test_feature_network_on_a_plain_folder_is_self_supervised(folder_shards: Path, tmp_path: Path) -> None:
+    """No labels, no masks, no valid split: 4-way rotation prediction, its accuracy measured on the train split."""
+    info = train_classifier(folder_shards, tmp_path / "classifier.pt", epochs=6, batch_size=32, feature_dim=16,
+                            progress=False)
+    assert info["target"] == "rotation" and info["accuracy_split"] == "train" and info["num_valid"] == 0
+    assert 0.5 < info["valid_accuracy"] <= 1.0, info  # it learned the orientation (chance 0.25)
+    features = load_classifier_features(info["path"])
+    assert features.info()["target"] == "rotation" and features.info()["accuracy_split"] == "train"
+    assert _classify(features, torch.rand(4, 1, 16, 16)) is None  # rotations are no classes of the data
+
+
+@pytest.mark.parametrize("shards", ["seg_shards", "celeba_shards", "folder_shards"])
+def test_feature_networks_are_deterministic_under_the_seed(shards: str, request: pytest.FixtureRequest,
+                                                           tmp_path: Path) -> None:
+    path = request.getfixturevalue(shards)
+    runs = [train_classifier(path, tmp_path / name, epochs=1, seed=seed, batch_size=32, feature_dim=16,
+                             progress=False) for name, seed in (("a.pt", 3), ("b.pt", 3), ("c.pt", 4))]
+    assert runs[0]["sha256"] == runs[1]["sha256"] and runs[0]["sha256"] != runs[2]["sha256"]
+    images = torch.rand(4, *load_classifier_features(runs[0]["path"]).image_shape)
+    with torch.no_grad():  # the same features
+        assert torch.equal(*(load_classifier_features(r["path"])(images) for r in runs[:2]))
 
 
 # ---------------------------------------------------------------- Inception

@@ -61,10 +61,12 @@ def test_two_node_job_trains_and_finishes(slurm_cluster: Cluster, tmp_path: Path
     assert "node 0/2, ranks 0..0 of 2" in log and "node 1/2, ranks 1..1 of 2" in log
     assert checkpoint.load_meta(run)["step"] == 20 and checkpoint.load_meta(run)["world_size"] == 2
     assert (run / "tb").is_dir() and slurm_cluster.exit_code(job) == 0
-    # the eval script reaches `symeq eval` on that run (no FD classifier here: its error names the fix)
+    # the eval script reaches `symeq eval` on that run (told not to train an FD classifier into the shared test
+    # shards, it stops with the error naming the fix)
     env = {**slurm_cluster.env, "SYMEQ_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([str(ROOT / "slurm" / "submit"), "eval", str(run), "--n", "16", "--", *SMALL_NODES,
-                           "--nodes=1"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.run([str(ROOT / "slurm" / "submit"), "eval", str(run), "--n", "16", "--no-train-features",
+                           "--", *SMALL_NODES, "--nodes=1"], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
     eval_job = int(proc.stdout.strip().split(";")[0])
     slurm_cluster.wait_for(eval_job, {"COMPLETED", "FAILED"}, timeout=120)
     log = (run / f"slurm-eval-{eval_job}.out").read_text()

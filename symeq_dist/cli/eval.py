@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +15,25 @@ def add_eval_parsers(sub: Any) -> None:
     ev = sub.add_parser("eval", help="evaluate a run (FD/FID, consistency, MI, probe, t-SNE) -> <run_dir>/eval/",
                         description="symeq eval RUN_DIR [options]   |   symeq eval train-features SHARDS_DIR")
     ev.add_argument("run_dir", type=Path, help="a run directory, or the word train-features")
-    ev.add_argument("shards", type=Path, nargs="?", help="with train-features: the shards to train the classifier on")
+    ev.add_argument("shards", type=Path, nargs="?",
+                    help="with train-features: the shards to train the feature network on")
     ev.add_argument("--n", type=int, default=10_000, help="samples per generated set (default 10000)")
     ev.add_argument("--chain-steps", type=int, default=1000, help="limiting-chain steps (default 1000)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=500, help="images generated and embedded at once")
     ev.add_argument("--features", type=Path, default=None,
-                    help="classifier checkpoint (default <shards>/classifier.pt); train-features: where to write it")
+                    help="feature-network checkpoint (default <shards>/classifier.pt, trained there on first use); "
+                         "train-features: where to write it")
+    ev.add_argument("--no-train-features", action="store_true",
+                    help="stop with an error instead of training the missing default feature network")
     ev.add_argument("--inception-weights", type=Path, default=None,
                     help="local pt_inception-2015-12-05-6726825d.pth for FID (never downloaded)")
     ev.add_argument("--tsne-points", type=int, default=2000, help="codes per set in the t-SNE figure")
-    ev.add_argument("--epochs", type=int, default=5, help="train-features: classifier epochs")
+    ev.add_argument("--epochs", type=int, default=5,
+                    help="feature-network epochs (train-features, or its training on first use; default 5)")
     ev.add_argument("--threads", type=int, default=1,
-                    help="train-features: torch threads (default 1: the file's bytes do not depend on the core count, "
-                         "and one is faster on a busy CPU; 0: torch's default, the machine's cores)")
+                    help="feature-network training: torch threads (default 1: the file's bytes do not depend on the "
+                         "core count, and one is faster on a busy CPU; 0: torch's default, the machine's cores)")
     cmp = sub.add_parser("compare", help="put evaluated runs side by side (markdown table + plot)")
     cmp.add_argument("run_dirs", type=Path, nargs="+")
     cmp.add_argument("--out", type=Path, default=None, help="also write the table (.md) and a plot (.png) here")
@@ -42,13 +51,32 @@ def run_eval(args: argparse.Namespace) -> None:
                               "[--threads N]")
         info = train_classifier(args.shards, args.features or args.shards / "classifier.pt", epochs=args.epochs,
                                 seed=args.seed, num_threads=args.threads or None)
-        print(f"wrote {info['path']} ({info['name']}, valid accuracy {info['valid_accuracy']:.4f})")
+        print(f"wrote {info['path']} ({info['name']}, trained on {info['target_description']}; "
+              f"{info['accuracy_split']} accuracy {info['valid_accuracy']:.4f})")
         return
-    results = api.evaluate(EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=args.chain_steps, seed=args.seed,
-                                   batch_size=args.batch_size, features=args.features,
-                                   inception_weights=args.inception_weights, tsne_points=args.tsne_points))
+    opts = EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=args.chain_steps, seed=args.seed,
+                       batch_size=args.batch_size, features=args.features, train_features=not args.no_train_features,
+                       feature_epochs=args.epochs, feature_threads=args.threads or None,
+                       inception_weights=args.inception_weights, tsne_points=args.tsne_points)
+    with _eval_log():  # says when the feature network is trained first
+        results = api.evaluate(opts)
     print((args.run_dir / "eval" / "report.md").read_text())
     print(f"wrote {args.run_dir / 'eval'} (report.md, report.json, figures); step {results['step']}")
+
+
+@contextlib.contextmanager
+def _eval_log() -> Iterator[None]:
+    """Show the evaluation's INFO messages on stderr, message only, while it runs."""
+    logger, handler = logging.getLogger("symeq_dist.eval"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("symeq: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_compare(args: argparse.Namespace) -> None:

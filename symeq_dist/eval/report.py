@@ -77,9 +77,10 @@ def _md_fd(results: dict[str, Any]) -> list[str]:
         lines += ["No Fréchet distances were computed.", ""]
     info: dict[str, dict[str, Any]] = results.get("fd_networks", {})
     if info:
-        rows = [[net, str(meta.get("kind", "n/a")), f"`{str(meta.get('sha256') or 'n/a')[:16]}`",
-                 num(meta.get("valid_accuracy"))] for net, meta in info.items()]
-        lines += [*table(["network", "kind", "sha256 (first 16)", "valid accuracy"], rows), ""]
+        rows = [[net, str(meta.get("kind", "n/a")), str(meta.get("target", "n/a")),
+                 f"`{str(meta.get('sha256') or 'n/a')[:16]}`", num(meta.get("valid_accuracy"))]
+                for net, meta in info.items()]
+        lines += [*table(["network", "kind", "trained on", "sha256 (first 16)", "accuracy"], rows), ""]
     if results.get("fid_skipped"):
         lines += [f"> FID skipped: {results['fid_skipped']}", ""]
     return lines

@@ -28,6 +28,7 @@ from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
 from symeq_dist.eval.features import INCEPTION_FILE, FeatureExtractor, load_classifier_features, load_inception_features
+from symeq_dist.eval.features.classifier import describe_target, estimate_seconds, train_classifier
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
 from symeq_dist.eval.model import TrainedModel, load_trained
@@ -49,7 +50,13 @@ class EvalOptions:
     batch_size: int = 500
     """Images generated and embedded at once (bounds memory)."""
     features: Path | None = None
-    """Classifier checkpoint; default <shards>/classifier.pt (`symeq eval train-features <shards>`)."""
+    """Feature-network checkpoint (must exist); default <shards>/classifier.pt, trained there on first use."""
+    train_features: bool = True
+    """Train the default feature network when it is missing (False: stop with an error naming the command)."""
+    feature_epochs: int = 5
+    """Epochs of that training (5 = `symeq eval train-features`'s default: the same network and name)."""
+    feature_threads: int | None = 1
+    """Torch threads of that training (1: its bytes, so its name, do not depend on the core count)."""
     inception_weights: Path | None = None
     """pytorch-fid's Inception weights; default $TORCH_HOME/hub/checkpoints/<file> if it exists, else FID is skipped."""
     tsne_points: int = 2000
@@ -64,8 +71,9 @@ def _default_inception() -> Path | None:
 
 def load_extractors(opts: EvalOptions, cfg: RunConfig,
                     device: torch.device) -> tuple[dict[str, FeatureExtractor], str | None]:
-    """The classifier (required) and Inception (when a weights file is given or found); reason if FID is skipped."""
-    classifier = load_classifier_features(opts.features or Path(cfg.data.shards) / "classifier.pt")
+    """The FD-clf network (trained first when missing, see `feature_network_path`) and Inception (when a weights
+    file is given or found); the reason if FID is skipped."""
+    classifier = load_classifier_features(feature_network_path(opts, cfg))
     extractors: dict[str, FeatureExtractor] = {classifier.name: classifier.to(device)}
     weights = opts.inception_weights or _default_inception()
     if weights is None:
@@ -74,6 +82,31 @@ def load_extractors(opts: EvalOptions, cfg: RunConfig,
     inception = load_inception_features(weights)
     extractors[inception.name] = inception.to(device)
     return extractors, None
+
+
+def feature_network_path(opts: EvalOptions, cfg: RunConfig) -> Path:
+    """The FD-clf network's checkpoint: `opts.features` as given, else the cached one, trained first if missing.
+
+    The cache is <shards>/classifier.pt (one per data set: every run on the shards is measured with the same
+    network), or <run_dir>/eval/classifier.pt when the shards' directory is not writable. The training is
+    `symeq eval train-features <shards>` with its defaults (seed 0, one thread), so either way gives the same file.
+    """
+    if opts.features is not None:
+        return opts.features  # named by the user: used as it is, an error if it is missing
+    shards = Path(cfg.data.shards)
+    cached = [shards / "classifier.pt", opts.run_dir / "eval" / "classifier.pt"]
+    found = next((path for path in cached if path.is_file()), None)
+    if found is not None or not opts.train_features:
+        return found or cached[0]  # a missing file fails in load_classifier_features, naming the command
+    path = cached[0] if os.access(shards, os.W_OK) else cached[1]
+    seconds = estimate_seconds(shards, opts.feature_epochs) / (opts.feature_threads or os.cpu_count() or 1)
+    log.info("no feature network for %s: training one (%d epochs, ~%s; %s) -> %s, as `symeq eval train-features "
+             "%s` does, once per data set (--threads 0 uses every core; --no-train-features stops instead)", shards,
+             opts.feature_epochs, f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min",
+             describe_target(shards), path, shards)
+    train_classifier(shards, path, epochs=opts.feature_epochs, seed=0, num_threads=opts.feature_threads,
+                     progress=opts.progress)
+    return path
 
 
 def _reference_split(cfg: RunConfig) -> str:
@@ -143,7 +176,9 @@ class Accumulators:
 
     def add_mi(self, player: str, dists: dict[str, Any], size: int) -> None:
         for name, dist in dists.items():
-            self.mi.setdefault(f"{player}/{name}", []).append((dist.mutual_information().cpu(), size))
+            mi = dist.mutual_information()
+            if mi is not None:
+                self.mi.setdefault(f"{player}/{name}", []).append((mi.cpu(), size))
 
     def add_codes(self, set_name: str, codes: Tensor, labels: Tensor | None) -> None:
         have = sum(len(c) for c in self.codes[set_name])
@@ -169,8 +204,12 @@ def _recon_error(x: Tensor, rec: Tensor, binary: bool) -> float:
 
 
 def _classify(extractor: FeatureExtractor, images: Tensor) -> Tensor | None:
+    """Class ids (B,) for t-SNE colours, from a network trained on class labels; None for any other network
+    (multi-label or rotation logits are no class ids: the points stay uncoloured)."""
     classify = getattr(extractor, "classify", None)
-    return classify(images.float()).argmax(1) if classify is not None else None
+    if classify is None or getattr(extractor, "target", None) != "class":
+        return None
+    return classify(images.float()).argmax(1)
 
 
 def _data_pass(model: TrainedModel, acc: Accumulators, batches: Iterator[dict[str, Tensor]], sets: Sets,
@@ -254,7 +293,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 
     Raises:
         CheckpointError: the run has no checkpoint (nothing is written).
-        FileNotFoundError / ValueError: a missing or wrong classifier or Inception weights file.
+        FileNotFoundError / ValueError: a missing or wrong classifier or Inception weights file (a missing default
+            classifier is trained first unless `opts.train_features` is False).
     """
     model = load_trained(opts.run_dir)
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
