@@ -11,11 +11,13 @@ from symeq_dist.config.game import GameConfig
 from symeq_dist.config.loading import config_from_dict, dump_config, load_config, parse_overrides
 from symeq_dist.config.models import (
     MODEL_CONFIGS,
+    HVAEConfig,
     Ladder28Config,
     MLPVAEConfig,
     ModelConfig,
     Reference28Config,
     Reverse28Config,
+    StageConfig,
     model_config,
 )
 from symeq_dist.config.prior import PriorConfig
@@ -24,7 +26,8 @@ from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig
 
 __all__ = [
     "MODEL_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "EngineConfig", "EnginesConfig",
-    "FaultConfig", "GameConfig", "Ladder28Config", "MLPVAEConfig", "ModelConfig", "MonitorConfig",
-    "PriorConfig", "Reference28Config", "Reverse28Config", "RunConfig", "SamplingConfig", "TrainConfig",
+    "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig", "ModelConfig", "MonitorConfig",
+    "PriorConfig", "Reference28Config", "Reverse28Config", "RunConfig", "SamplingConfig", "StageConfig",
+    "TrainConfig",
     "config_from_dict", "dump_config", "load_config", "model_config", "parse_overrides",
 ]

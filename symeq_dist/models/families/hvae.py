@@ -1,0 +1,220 @@
+"""Family `hvae`: a deep multi-scale hierarchical VAE for large images (VDVAE-style top-down, ladder encoder).
+
+Decoder (theta), top-down over stages of increasing resolution (config `model.stages`, low to high): a
+learned constant state h at the lowest resolution; per latent group l at resolution r: the prior
+p(z_l | z_<l) = head_l(h) (per-pixel Gaussian or Bernoulli, `latent_channels` x r x r), then
+h <- cell_l(h + proj_l(z_l)) (a residual bottleneck cell); between stages h is upsampled (nearest) and
+projected to the next width; finally p(x | z) = XHead(conv(h)). The first group is the top latent z0 ~ pi
+(no parameters; the prior may be implicit). Encoder (phi): a bottom-up residual network e(x) with features at
+every resolution, and per group a posterior head q(z_l | x, z_<l) = post_l(concat(e_r(x), h_l)), where h_l
+is the decoder's state where z_l enters (ladder sharing, METHOD §7.2 generalised).
+
+Detaching rule (tests/test_hvae.py checks it for every group): the encoder gets every h_l from ONE
+`decoder.top_down` call per pass. In the encoder step (teacher-forced on dreams, `conditionals`) that call
+runs under no_grad, so every h_l is a constant and the encoder loss trains phi only; while sampling (wake
+pairs, chains) everything runs under no_grad; in the ELBO (reparam) h_l keeps its graph and theta gets
+gradients through it. In the decoder step the decoder is teacher-forced on the encoder's samples (a leaf
+tensor per group): no gradient reaches phi. Pure torch: must not import `runtime`, deepspeed or any I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from symeq_dist.config import HVAEConfig
+from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
+from symeq_dist.models.layers import XHead, draw, unpack, x_head_channels
+from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Posterior, Sample, TopDown, pick
+
+
+class Cell(nn.Module):
+    """Residual bottleneck: x + conv1x1(GELU(conv3x3(GELU(conv3x3(GELU(conv1x1(GELU(x)))))))), width -> width.
+
+    The last conv starts scaled by `out_scale` (1/sqrt(number of cells)), so a deep stack starts near the
+    identity (VDVAE's initialisation). 3x3 convs become 1x1 at resolutions below 3.
+    """
+
+    def __init__(self, width: int, middle: int, resolution: int, out_scale: float) -> None:
+        super().__init__()
+        k = 3 if resolution >= 3 else 1
+        self.c1 = nn.Conv2d(width, middle, 1)
+        self.c2 = nn.Conv2d(middle, middle, k, padding=k // 2)
+        self.c3 = nn.Conv2d(middle, middle, k, padding=k // 2)
+        self.c4 = nn.Conv2d(middle, width, 1)
+        with torch.no_grad():
+            self.c4.weight.mul_(out_scale)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, width, r, r) -> same
+        h = self.c2(F.gelu(self.c1(F.gelu(x))))
+        return x + self.c4(F.gelu(self.c3(F.gelu(h))))
+
+
+def _run(cell: nn.Module, h: Tensor, use_checkpoint: bool) -> Tensor:
+    """A cell, recomputed in the backward instead of storing its activations when `use_checkpoint`."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(cell, h, use_reentrant=False)
+    return cell(h)
+
+
+def _groups(cfg: HVAEConfig) -> list[tuple[int, int]]:
+    """(stage index, resolution) of every latent group, top first."""
+    return [(s, stage.resolution) for s, stage in enumerate(cfg.stages) for _ in range(stage.groups)]
+
+
+def _latent_dist(params: Tensor, family: str) -> Distribution:
+    """Per-pixel latent distribution from a head's output: (mu, log sigma) halves, or Bernoulli logits."""
+    if family == "gaussian":
+        mu, log_sigma = params.chunk(2, dim=1)
+        return Gaussian(mu, log_sigma)
+    return Bernoulli(params)
+
+
+class HVAEDecoder(Decoder):
+    """Top-down generator; see the module docstring. Latents are named z0 (top), z1, ... in ancestral order."""
+
+    def __init__(self, cfg: HVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        groups = _groups(cfg)
+        self.latent_names = tuple(f"z{i}" for i in range(len(groups)))
+        self.latent_shapes = {f"z{i}": (cfg.latent_channels, r, r) for i, (_, r) in enumerate(groups)}
+        self.top_family = cfg.latent
+        per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
+        scale = 1.0 / math.sqrt(len(groups))
+        first = cfg.stages[0]
+        self.h_init = nn.Parameter(torch.zeros(1, first.width, first.resolution, first.resolution))
+        self.priors = nn.ModuleList(
+            nn.Conv2d(cfg.stages[s].width, per_latent, 1) if i else nn.Identity() for i, (s, _) in enumerate(groups))
+        self.projections = nn.ModuleList(nn.Conv2d(cfg.latent_channels, cfg.stages[s].width, 1) for s, _ in groups)
+        self.cells = nn.ModuleList(Cell(cfg.stages[s].width, max(1, int(cfg.stages[s].width * cfg.bottleneck)), r,
+                                        scale) for s, r in groups)
+        self.widen = nn.ModuleList(nn.Conv2d(a.width, b.width, 1) for a, b in itertools.pairwise(cfg.stages))
+        last = cfg.stages[-1].width
+        channels = cfg.image_shape[0]
+        self.out = nn.Conv2d(last, x_head_channels(cfg.x_dist, channels, cfg.num_mixtures), 3, padding=1)
+        sigma_shape = cfg.image_shape if cfg.sigma == "per_dim" else ()
+        self.x_head = XHead(cfg.x_dist, sigma_shape, channels=channels, num_mixtures=cfg.num_mixtures)
+        self._stage_of = [s for s, _ in groups]
+
+    def _walk(self, z: Latents | None, posterior: Posterior | None, generator: torch.Generator | None,
+              reparam: bool) -> tuple[TopDown, Tensor]:
+        """The top-down pass; also returns the final state h (B, width, H, W) for p(x|z)."""
+        z = dict(z or {})
+        batch = next(iter(z.values())).shape[0] if z else None
+        priors: dict[str, Distribution] = {}
+        states: dict[str, Tensor] = {}
+        h, stage = None, 0
+        for i, name in enumerate(self.latent_names):
+            s = self._stage_of[i]
+            if h is None:  # a copy, never a view of the parameter: ZeRO-3 frees parameters after the forward
+                h = self.h_init.clone().expand(batch or 1, -1, -1, -1)
+            while stage < s:  # next resolution: upsample, widen
+                res = self.cfg.stages[stage + 1].resolution
+                h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
+                stage += 1
+            p = _latent_dist(self.priors[i](h), self.top_family) if i else None
+            if p is not None:
+                priors[name] = p
+            states[name] = h
+            if name not in z:
+                z[name] = draw(pick(name, p, h, posterior), generator, reparam)
+            if batch is None:  # the top latent's batch sets the state's
+                batch = z[name].shape[0]
+                h = h.expand(batch, -1, -1, -1)
+            h = _run(self.cells[i], h + self.projections[i](z[name].to(h.dtype)), self.cfg.checkpoint_cells)
+        while stage < len(self.cfg.stages) - 1:
+            res = self.cfg.stages[stage + 1].resolution
+            h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
+            stage += 1
+        return TopDown(z, priors, states), h
+
+    def _top_down(self, z: Latents | None = None, posterior: Posterior | None = None,
+                  generator: torch.Generator | None = None, reparam: bool = False) -> TopDown:
+        return self._walk(z, posterior, generator, reparam)[0]
+
+    def _x_from(self, h: Tensor) -> Distribution:
+        return unpack(self.x_head(self.out(F.gelu(h))))  # (B, width, H, W) -> p(x|z) over (B, C, H, W)
+
+    def _x_dist(self, z: Latents) -> Distribution:
+        return self._x_from(self._walk(z, None, None, False)[1])
+
+    def _conditionals(self, z: Latents) -> dict[str, Distribution]:
+        walk, h = self._walk(z, None, None, False)
+        return {**walk.priors, "x": self._x_from(h)}
+
+    def _sample(self, z_top: Tensor, generator: torch.Generator | None = None,
+                reparam: bool = False) -> tuple[Latents, Tensor, dict[str, Distribution]]:
+        walk, h = self._walk({self.latent_names[0]: z_top}, None, generator, reparam)
+        p_x = self._x_from(h)
+        return walk.z, draw(p_x, generator, reparam), {**walk.priors, "x": p_x}
+
+
+class HVAEEncoder(Encoder):
+    """Bottom-up features at every resolution and one posterior head per latent group (module docstring)."""
+
+    def __init__(self, cfg: HVAEConfig) -> None:
+        super().__init__()
+        self.analytic_kl = True  # q and p factorise over the same groups in the same order
+        self.cfg = cfg
+        groups = _groups(cfg)
+        self.latent_names = tuple(f"z{i}" for i in range(len(groups)))
+        self._resolution = {f"z{i}": r for i, (_, r) in enumerate(groups)}
+        stages = cfg.stages
+        scale = 1.0 / math.sqrt(sum(s.encoder_cells for s in stages))
+        self.stem = nn.Conv2d(cfg.image_shape[0], stages[-1].width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(Cell(s.width, max(1, int(s.width * cfg.bottleneck)), s.resolution, scale)
+                          for _ in range(s.encoder_cells)) for s in stages)
+        self.narrow = nn.ModuleList(nn.Conv2d(b.width, a.width, 1) for a, b in itertools.pairwise(stages))
+        per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
+        self.posteriors = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * stages[s].width, stages[s].width, 3 if r >= 3 else 1,
+                                    padding=1 if r >= 3 else 0),
+                          nn.GELU(), nn.Conv2d(stages[s].width, per_latent, 1)) for s, r in groups)
+
+    def _features(self, x: Tensor) -> dict[int, Tensor]:
+        """Resolution -> e_r(x) (B, width_r, r, r), from the full resolution down."""
+        h = self.stem(x)
+        out = {}
+        for s in range(len(self.cfg.stages) - 1, -1, -1):
+            stage = self.cfg.stages[s]
+            if h.shape[-1] != stage.resolution:
+                h = self.narrow[s](F.adaptive_avg_pool2d(h, stage.resolution))
+            for cell in self.blocks[s]:
+                h = _run(cell, h, self.cfg.checkpoint_cells)
+            out[stage.resolution] = h
+        return out
+
+    def _posterior(self, features: dict[int, Tensor], name: str, state: Tensor) -> Distribution:
+        e = features[self._resolution[name]]
+        head = self.posteriors[self.latent_names.index(name)]
+        return _latent_dist(head(torch.cat([e, state.expand(e.shape[0], -1, -1, -1).to(e.dtype)], dim=1)),
+                            self.cfg.latent)
+
+    def _sample(self, x: Tensor, decoder: Decoder, generator: torch.Generator | None = None,
+                reparam: bool = False) -> Sample:
+        features = self._features(x)
+        q: dict[str, Distribution] = {}
+
+        def posterior(name: str, p: Distribution | None, state: Tensor | None) -> Distribution:
+            assert state is not None, "the hvae decoder passes its state to the posterior"
+            q[name] = self._posterior(features, name, state if reparam else state.detach())
+            return q[name]
+
+        return decoder.top_down(posterior=posterior, generator=generator, reparam=reparam).z, q
+
+    def _conditionals(self, x: Tensor, z: Latents, decoder: Decoder) -> dict[str, Distribution]:
+        features = self._features(x)
+        with torch.no_grad():  # detaching rule: the decoder's states are constants in the encoder step
+            states = decoder.top_down(z).states
+        return {name: self._posterior(features, name, states[name]) for name in self.latent_names}
+
+
+def build_players(cfg: HVAEConfig) -> Players:
+    return Players(encoder=HVAEEncoder(cfg), decoder=HVAEDecoder(cfg))
