@@ -17,6 +17,7 @@ MODELS = {
     "ladder-gaussian-x": model_config(kind="ladder", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8,
                                      x_dist="gaussian"),
     "reverse": model_config(kind="reverse", num_z0=5, num_z1=7, trunk_width=16, mlp_width=8),
+    "bilinear": model_config(kind="bilinear", image_shape=(1, 28, 28), num_latents=3),  # _setup draws 28x28 x
 }
 
 

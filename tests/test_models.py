@@ -257,6 +257,7 @@ ARCHITECTURES = {
     "ladder": model_config(kind="ladder"),
     "ladder_gaussx": model_config(kind="ladder", x_dist="gaussian", trunk_width=64, mlp_width=64),
     "reverse": model_config(kind="reverse"),
+    "bilinear": model_config(kind="bilinear", image_shape=(1, 1, 6), num_latents=3),
 }
 
 

@@ -87,9 +87,98 @@ class Reverse28Config(Reference28Config):
               "the reverse HVAE of the reference code has Bernoulli x; use kind=ladder for Gaussian x")
 
 
-ModelConfig = MLPVAEConfig | Ladder28Config | Reverse28Config
+@dataclass(frozen=True, kw_only=True)
+class BilinearConfig(ImageModelConfig):
+    """The enumerable bilinear pair of the exact check (docs/consistency.md): Bernoulli x in {0,1}^dx and z in
+    {0,1}^dz, p(x|z) = prod_i Bern(sigma(W z + b)_i), q(z|x) = prod_j Bern(sigma(V x + c)_j).
+
+    An exponential family "lifted" by the identity statistics nu(x) = x, psi(z) = z: each conditional is
+    exp<nu(x), W psi(z) + b> / normaliser (and its mirror for q). dx = prod(image_shape); the exact
+    computations (`symeq_dist.eval.exact`) enumerate all 2^(dx+dz) pairs, so keep dx + dz small there.
+    """
+
+    kind: Literal["bilinear"] = "bilinear"
+    image_shape: tuple[int, int, int] = (1, 1, 6)
+    """(channels, height, width) of x; (1, 1, dx) by convention, any shape is flattened to dx bits."""
+    num_latents: int = 3
+    """dz, the number of latent bits (prior: uniform bits)."""
+    init_scale: float = 1.0
+    """Standard deviation of the initial interaction weights W and V; the biases b and c start at 0."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_latents > 0, "model.num_latents", "must be a positive integer")
+        check(self.init_scale >= 0, "model.init_scale", "must be >= 0 (0 starts at the collapsed point W = V = 0)")
+        check(self.x_dist == "bernoulli", "model.x_dist", "the bilinear pair has Bernoulli x; use kind=mlp for "
+              "Gaussian x")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One resolution of the hierarchical VAE (decoder top-down, encoder bottom-up)."""
+
+    resolution: int
+    """Side of the square feature maps and latents at this stage (e.g. 1, 4, 8, 16, 32, 64)."""
+    width: int
+    """Channels of the decoder state and the encoder features here."""
+    groups: int = 1
+    """Latent groups at this resolution, each `latent_channels` x resolution x resolution."""
+    encoder_cells: int = 1
+    """Residual cells of the bottom-up encoder at this resolution."""
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "width", "encoder_cells"):
+            check(getattr(self, name) >= 1, f"model.stages[].{name}", "must be >= 1")
+        check(self.groups >= 0, "model.stages[].groups", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HVAEConfig(ImageModelConfig):
+    """Deep multi-scale hierarchical VAE (VDVAE-style top-down decoder, ladder encoder; docs/hvae.md)."""
+
+    kind: Literal["hvae"] = "hvae"
+    image_shape: tuple[int, int, int] = (1, 32, 32)
+    x_dist: Literal["bernoulli", "gaussian", "logistic_mixture"] = "bernoulli"
+    """p(x|z): Bernoulli (binary images), Gaussian with learned scale, or the discretised logistic mixture of
+    8-bit colour images (the likelihood behind the bits/dim of VDVAE and NVAE)."""
+    num_mixtures: int = 10
+    """Components of the logistic mixture."""
+    latent: Literal["gaussian", "bernoulli"] = "gaussian"
+    """Family of every latent group; the top group's prior is N(0, I) or uniform bits (prior.kind)."""
+    latent_channels: int = 8
+    """Channels of every latent group."""
+    stages: tuple[StageConfig, ...] = (StageConfig(resolution=1, width=64, groups=1),
+                                       StageConfig(resolution=4, width=64, groups=2),
+                                       StageConfig(resolution=8, width=64, groups=2),
+                                       StageConfig(resolution=16, width=32, groups=1),
+                                       StageConfig(resolution=32, width=32, groups=0))
+    """Resolutions from low to high, the last the image's; the first group of the first stage with groups is
+    the top latent z0 ~ pi."""
+    bottleneck: float = 0.25
+    """Middle width of a residual cell relative to its width."""
+    checkpoint_cells: bool = False
+    """Recompute every residual cell in the backward instead of storing its activations (activation
+    checkpointing: less memory, about one more forward of compute)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        res = [s.resolution for s in self.stages]
+        check(len(res) >= 1 and res == sorted(set(res)), "model.stages", f"resolutions must increase, got {res}")
+        check(self.image_shape[1] == self.image_shape[2] == res[-1], "model.stages",
+              f"the last resolution ({res[-1]}) must be the image's side {self.image_shape[1:]} (square images)")
+        check(self.stages[0].groups >= 1, "model.stages",
+              "the first (lowest) stage holds the top latent: give it groups >= 1")
+        check(self.latent_channels >= 1 and self.num_mixtures >= 1, "model.latent_channels",
+              "latent_channels and num_mixtures must be >= 1")
+        check(0 < self.bottleneck <= 1, "model.bottleneck", "must be in (0, 1]")
+        check(self.x_dist != "logistic_mixture" or self.image_shape[0] in (1, 3), "model.x_dist",
+              "the logistic mixture models grey (1) or RGB (3) images")
+
+
+ModelConfig = MLPVAEConfig | Ladder28Config | Reverse28Config | BilinearConfig | HVAEConfig
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
-    cls.kind: cls for cls in (MLPVAEConfig, Ladder28Config, Reverse28Config)  # type: ignore[misc]
+    cls.kind: cls for cls in (MLPVAEConfig, Ladder28Config, Reverse28Config, BilinearConfig,  # type: ignore[misc]
+                              HVAEConfig)
 }
 
 

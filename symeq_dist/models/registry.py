@@ -6,13 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from symeq_dist.config import ModelConfig
-from symeq_dist.models.families import ladder28, mlp_vae, reverse28
+from symeq_dist.models.families import bilinear, hvae, ladder28, mlp_vae, reverse28
 from symeq_dist.models.players import Players
 
 FAMILIES: dict[str, Callable[[Any], Players]] = {
     "mlp": mlp_vae.build_players,
     "ladder": ladder28.build_players,
     "reverse": reverse28.build_players,
+    "bilinear": bilinear.build_players,
+    "hvae": hvae.build_players,
 }
 
 
