@@ -146,9 +146,9 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
     players = build_players(cfg.model)
     prior = build_prior(cfg.prior, players.decoder)
     game = build_game(cfg.game, players, prior)
-    engines = build_engines(game.modules, cfg, info)
-    for name, module in players.items():
+    for name, module in players.items():  # counted before ZeRO-3 partitions the parameters
         log.info("%s: %s parameters", name, f"{sum(p.numel() for p in module.parameters()):,}")
+    engines = build_engines(game.modules, cfg, info)
     micro = cfg.micro_batch_size(info.world_size)
     log.info("global batch %d = micro %d x accumulation %d x world %d", cfg.train.batch_size, micro,
              cfg.train.grad_accumulation, info.world_size)
@@ -166,6 +166,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
             trainer.close()
             raise
         trainer.load_rank_state(rank_state)
+        if trainer.ema is not None:  # the averages of the checkpoint's weights.pt, sliced for this layout
+            trainer.ema.load_full(checkpoint.read_weights(checkpoint.latest_dir(cfg.run_dir))["ema"])
         log.info("resumed %s at step %d", cfg.run_dir, trainer.state.step)
     if info.is_main:  # every check passed: only now the run directory records this start
         _write_run_info(cfg, argv or [])

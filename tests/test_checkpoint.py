@@ -67,3 +67,37 @@ def test_sampling_needs_only_the_weights_file(tmp_path: Path, mnist_shards: Path
         shutil.rmtree(target / engine)
     out = api.sample(api.SampleRequest(run_dir=run, mode="limiting", steps=2, num=4, out=tmp_path / "g.png"))
     assert out.path.is_file()
+
+
+def test_ema_is_the_average_of_the_trajectory_and_resumes_exactly(tmp_path: Path, mnist_shards: Path) -> None:
+    """train.ema_decay=0.5: weights.pt's "ema" is 0.5^t w_0 + sum 0.5^(t-s+1) w_s over the applied updates;
+    a run stopped at step 2 and resumed has the same averages at step 4; sampling and eval load them."""
+    from symeq_dist.models import build_players
+
+    def run(name: str, *extra: str) -> Path:
+        overrides = tiny_overrides(tmp_path / name, mnist_shards, "train.ema_decay=0.5", "checkpoint.every=1",
+                                   "checkpoint.keep_last=10", *extra)
+        run_training(load_config(None, overrides))
+        return tmp_path / name
+
+    full = run("full", "train.steps=4")
+    cfg = load_config(None, tiny_overrides(full, mnist_shards))
+    torch.manual_seed(cfg.seed)
+    expected = {name: {k: v.clone() for k, v in module.state_dict().items()}
+                for name, module in build_players(cfg.model).items()}
+    for step in range(1, 5):
+        trained = checkpoint.read_weights(checkpoint.step_dir(full, step))
+        for name, state in expected.items():
+            for key in state:
+                state[key] = 0.5 * state[key] + 0.5 * trained[name][key]
+        ema = trained["ema"]
+        assert all(torch.allclose(ema[n][k], v, atol=1e-6) for n, s in expected.items() for k, v in s.items())
+    run("cut", "train.steps=2")
+    run("cut", "train.steps=4", "resume=true")
+    resumed = checkpoint.read_weights(checkpoint.step_dir(tmp_path / "cut", 4))["ema"]
+    final = checkpoint.read_weights(checkpoint.step_dir(full, 4))["ema"]
+    assert all(torch.equal(resumed[n][k], v) for n, s in final.items() for k, v in s.items())
+    model = load_trained(full)
+    assert model.ema and torch.equal(model.decoder.state_dict()[next(iter(final["decoder"]))],
+                                     next(iter(final["decoder"].values())))
+    assert not load_trained(full, ema=False).ema

@@ -49,7 +49,7 @@ def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path,
             assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs across ranks"
     # the consolidated checkpoint (zero_to_fp32 at ZeRO-3) holds the weights the live engines hold
     encoder, decoder = build_players(model_config(kind="mlp", hidden=32, num_latents=4))
-    assert checkpoint.load_weights(run_dir, encoder, decoder) == 4
+    assert checkpoint.load_weights(run_dir, encoder, decoder) == (4, False)
     live = ranks[0]["joint"] if kind == "elbo" else {f"decoder.{k}": v for k, v in ranks[0]["decoder"].items()}
     for key, value in decoder.state_dict().items():
         assert torch.equal(value, live[f"decoder.{key}"].float()), key

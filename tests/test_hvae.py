@@ -174,6 +174,7 @@ def smoke32(run_dir: Path, shards: Path, *extra: str) -> list[str]:
             "model.image_shape=[1,32,32]", f"model.stages={stages}", "model.latent_channels=2",
             "train.batch_size=8", "monitor.log_every=1", "monitor.image_every=100", "monitor.num_grid=4",
             "monitor.progress=false", "sampling.num_chains=2", "engines.encoder.lr=1e-3", "engines.decoder.lr=1e-3",
+            "train.ema_decay=0.9",
             f"engines.ds_config={ROOT / 'ds_config.json'}", *extra]
 
 
@@ -194,9 +195,9 @@ def _torchrun(overrides: list[str]) -> None:
 
 @pytest.mark.dist
 def test_sharded_checkpointed_run_equals_the_plain_run_and_resumes_exactly(tmp_path: Path, shards32: Path) -> None:
-    """2 processes: decoder at ZeRO-3 with activation checkpointing + encoder at ZeRO-1 ends with the weights of
-    the same run at ZeRO-0 without checkpointing (fp tolerance); stopped at step 2 and resumed, it ends bitwise
-    where it would have ended uninterrupted."""
+    """2 processes: decoder at ZeRO-3 with activation checkpointing + encoder at ZeRO-1 ends with the weights (and
+    weight averages, kept per ZeRO-3 partition) of the same run at ZeRO-0 without checkpointing (fp tolerance);
+    stopped at step 2 and resumed, it ends bitwise where it would have ended uninterrupted."""
     from symeq_dist.runtime import checkpoint
 
     sharded = ("engines.decoder.zero_stage=3", "engines.encoder.zero_stage=1", "model.checkpoint_cells=true")
@@ -207,7 +208,10 @@ def test_sharded_checkpointed_run_equals_the_plain_run_and_resumes_exactly(tmp_p
     _torchrun(smoke32(tmp_path / "cut", shards32, *sharded, "train.steps=4", "checkpoint.every=2", "resume=true"))
     weights = {name: checkpoint.read_weights(checkpoint.step_dir(tmp_path / name, 4))
                for name in ("sharded", "plain", "cut")}
-    for player in ("encoder", "decoder"):
-        for key, value in weights["plain"][player].items():
-            assert torch.allclose(weights["sharded"][player][key], value, rtol=1e-4, atol=1e-6), f"{player}.{key}"
-            assert torch.equal(weights["cut"][player][key], weights["sharded"][player][key]), f"{player}.{key}"
+    for part in ("trained", "ema"):
+        plain, sharded, cut = (weights[n] if part == "trained" else weights[n]["ema"] for n in ("plain", "sharded",
+                                                                                                  "cut"))
+        for player in ("encoder", "decoder"):
+            for key, value in plain[player].items():
+                assert torch.allclose(sharded[player][key], value, rtol=1e-4, atol=1e-6), f"{part} {player}.{key}"
+                assert torch.equal(cut[player][key], sharded[player][key]), f"{part} {player}.{key}"

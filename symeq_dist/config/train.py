@@ -16,11 +16,16 @@ class TrainConfig:
     """GLOBAL batch for both the data batch and the dreamed batch; split over ranks x accumulation."""
     grad_accumulation: int = 1
     """Micro-batches per optimiser step."""
+    ema_decay: float = 0.0
+    """Keep exponential moving averages of both players' weights with this decay per applied update (e.g.
+    0.999), for `symeq sample` and `symeq eval` (which use them when present); 0 = off. Stored in every
+    checkpoint's weights.pt; resumes exactly (runtime/ema.py: at ZeRO-3 each rank averages its partition)."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "train.steps", "must be >= 0")
         check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         check(self.grad_accumulation >= 1, "train.grad_accumulation", "must be >= 1")
+        check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0 = off)")
 
 
 @dataclass(frozen=True, kw_only=True)

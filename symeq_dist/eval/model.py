@@ -20,6 +20,8 @@ from symeq_dist.runtime import checkpoint, dist
 class TrainedModel:
     cfg: RunConfig
     step: int
+    ema: bool
+    """Whether the players hold the run's averaged weights (`train.ema_decay`) rather than the trained ones."""
     players: Players
     prior: Prior
     device: torch.device
@@ -33,9 +35,10 @@ class TrainedModel:
         return self.players.decoder
 
 
-def load_trained(run_dir: Path, device: torch.device | None = None) -> TrainedModel:
+def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool = True) -> TrainedModel:
     """Players with the latest checkpoint's weights, in eval mode, on `device` (default: the accelerator when
-    there is one, else the CPU: `runtime.dist.local_device`).
+    there is one, else the CPU: `runtime.dist.local_device`); the averaged weights when the run keeps them and
+    `ema` (the default), else the trained ones.
 
     Raises:
         CheckpointError: the run has no checkpoint, or its files do not load.
@@ -44,8 +47,8 @@ def load_trained(run_dir: Path, device: torch.device | None = None) -> TrainedMo
     meta = checkpoint.load_meta(run_dir)
     cfg = config_from_dict(meta["config"])
     players = build_players(cfg.model)
-    step = checkpoint.load_weights(run_dir, players.encoder, players.decoder)
+    step, used_ema = checkpoint.load_weights(run_dir, players.encoder, players.decoder, ema=ema)
     for _, module in players.items():
         module.to(device).eval()
-    return TrainedModel(cfg=cfg, step=step, players=players, prior=build_prior(cfg.prior, players.decoder),
-                        device=device)
+    return TrainedModel(cfg=cfg, step=step, ema=used_ema, players=players,
+                        prior=build_prior(cfg.prior, players.decoder), device=device)

@@ -5,7 +5,7 @@ Layout (STYLE.md §3.3):
     <run_dir>/checkpoints/step_00000500/encoder/...      engine.save_checkpoint(step_dir, tag="encoder"), all ranks
     <run_dir>/checkpoints/step_00000500/decoder/...      (ELBO: a single "joint" engine)
     <run_dir>/checkpoints/step_00000500/rank_00000.pt    TrainState, RNG states, stream position, chain, MI EMAs
-    <run_dir>/checkpoints/step_00000500/weights.pt       {"encoder": state dict, "decoder": state dict}, fp32 (rank 0)
+    <run_dir>/checkpoints/step_00000500/weights.pt       {"encoder": state dict, "decoder": state dict, "ema"?}, fp32
     <run_dir>/checkpoints/step_00000500/meta.json        step, world size, engine names, config (rank 0, last)
     <run_dir>/checkpoints/step_00000500/universal/<engine>/   DeepSpeed universal form, made on the first resume
                                                                on another number of ranks (ZeRO 1-3 engines only)
@@ -41,12 +41,11 @@ from torch import nn
 
 from symeq_dist.errors import InputError
 from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
-from symeq_dist.runtime.engines import Engines, consolidated_weights
+from symeq_dist.runtime.engines import Engines, consolidated_weights, player_state
 
 log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"step_\d{8}")
 WEIGHTS_FILE = "weights.pt"
-PLAYERS = ("encoder", "decoder")
 
 
 class CheckpointError(InputError):
@@ -97,15 +96,21 @@ def _complete_steps(run_dir: str | Path, before: Path | None = None) -> str:
 
 
 def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str, Any], *,
-         meta: dict[str, Any], info: DistInfo, keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the new checkpoint directory."""
+         meta: dict[str, Any], info: DistInfo, keep_last: int,
+         ema: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Collective: every rank must call it. Returns the new checkpoint directory.
+
+    `ema`: the players' averaged weights (`runtime.ema.EMA.full`), stored in weights.pt under "ema".
+    """
     target = step_dir(run_dir, step)
     if info.is_main and target.exists():  # a partial directory left by a killed run, never `latest`
         shutil.rmtree(target)
     barrier(info)
     for name, engine in engines.items():
         engine.save_checkpoint(str(target), tag=name, client_state={"step": step}, save_latest=False)
-    weights = _player_weights({name: consolidated_weights(engine) for name, engine in engines.items()})
+    weights: dict[str, Any] = player_state({name: consolidated_weights(engine) for name, engine in engines.items()})
+    if ema is not None:
+        weights["ema"] = ema
     target.mkdir(parents=True, exist_ok=True)
     _atomic_save(rank_state, target / f"rank_{info.rank:05d}.pt")
     barrier(info)
@@ -126,20 +131,6 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _player_weights(by_engine: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Per player: an engine named after a player holds its weights; a joint engine's keys are
-    "<player>.<parameter>" (the attributes of `models.JointModule`)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, state in by_engine.items():
-        if name in PLAYERS:
-            out[name] = state
-            continue
-        for key, value in state.items():
-            player, _, rest = key.partition(".")
-            out.setdefault(player, {})[rest] = value
-    return out
 
 
 def _prune(run_dir: str | Path, keep_last: int) -> None:
@@ -373,9 +364,10 @@ def read_weights(target: Path) -> dict[str, dict[str, torch.Tensor]]:
     return torch.load(Path(target) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
 
 
-def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module) -> int:
+def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module, *, ema: bool = True) -> tuple[int, bool]:
     """Load the latest checkpoint's `weights.pt` into plain modules (no engines, no DeepSpeed files, no pickled
-    code: `weights_only=True`). Returns the step.
+    code: `weights_only=True`): the averaged weights when the run keeps them (`train.ema_decay`) and `ema`,
+    else the trained ones. Returns (step, whether the averages were loaded).
 
     Raises:
         CheckpointError: no checkpoint, no `weights.pt` (written by an older symeq-dist), or a file that does
@@ -391,10 +383,11 @@ def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module) ->
                               f"resume=true train.steps={int(meta['step']) + 1}) to write it")
     try:
         weights = read_weights(target)
+        use_ema = ema and "ema" in weights
         for name, module in (("encoder", encoder), ("decoder", decoder)):
-            module.load_state_dict(weights[name])
+            module.load_state_dict((weights["ema"] if use_ema else weights)[name])
     except Exception as err:
         raise CheckpointError(f"cannot load {path} into this run's players ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:300]}); point {target.parent}/latest at an older "
                               "complete step_* directory") from err
-    return int(meta["step"])
+    return int(meta["step"]), use_ema

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import logging
 import os
 import socket
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +78,57 @@ def init(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: CUDA's max allocated on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def backend() -> str:
     """The process group's backend ("gloo", "nccl"); "none" before `init`."""
     return tdist.get_backend() if tdist.is_initialized() else "none"
 
 
 def shutdown() -> None:
+    """Destroy every process group and join gloo's threads; idempotent, and run by `atexit` after `init`.
+
+    This must finish before the interpreter finalizes. When a gloo worker thread finishes a collective it frees
+    the work's tensors, and a tensor whose Python object went first needs the GIL to be freed. A thread that
+    waits for the GIL when finalization begins is ended with pthread_exit, and unwinding through gloo's
+    destructors calls std::terminate: "terminate called without an active exception" (SIGABRT, exit 134)
+    after a finished run. `destroy_process_group` does not stop gloo's threads (gloo's shutdown is a no-op);
+    they are joined when the last reference to a group goes. So DeepSpeed's cached groups are released too
+    (deepspeed.comm's destroy), stale groups in default arguments are dropped (`_drop_group_defaults`), and the
+    engines' reference cycles are collected.
+    """
     if tdist.is_initialized():
-        tdist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # also drops deepspeed.utils.groups' cached groups
+        else:
+            tdist.destroy_process_group()
+        _drop_group_defaults()
+    gc.collect()
+
+
+def _drop_group_defaults() -> None:
+    """Replace destroyed process groups in functions' default arguments by None.
+
+    `def f(..., group=torch.distributed.group.WORLD)` in a module imported after `init` keeps the WORLD group
+    alive for the life of the process: torch.distributed.nn.functional and DeepSpeed's TorchBackend.barrier
+    do this (both import lazily, after `init`). None means the default group in both APIs.
+    """
+    for obj in gc.get_objects():
+        if not isinstance(obj, types.FunctionType):
+            continue
+        if obj.__defaults__ and any(isinstance(d, tdist.ProcessGroup) for d in obj.__defaults__):
+            obj.__defaults__ = tuple(None if isinstance(d, tdist.ProcessGroup) else d for d in obj.__defaults__)
+        if obj.__kwdefaults__ and any(isinstance(d, tdist.ProcessGroup) for d in obj.__kwdefaults__.values()):
+            obj.__kwdefaults__ = {k: None if isinstance(d, tdist.ProcessGroup) else d
+                                  for k, d in obj.__kwdefaults__.items()}
 
 
 def barrier(info: DistInfo) -> None:

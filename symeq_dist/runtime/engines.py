@@ -187,3 +187,17 @@ def discard_gradients(engine: Any) -> None:
         optimizer.averaged_gradients[key] = None
         optimizer.all_grad_tensors[key] = None
     optimizer.micro_step_id = -1  # INITIAL_MICRO_STEP_ID: the next backward starts a fresh accumulation
+
+
+def player_state(by_engine: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per player: an engine named after a player holds its weights; a joint engine's keys are
+    "<player>.<parameter>" (the attributes of `models.JointModule`)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, state in by_engine.items():
+        if name in ("encoder", "decoder"):
+            out[name] = state
+            continue
+        for key, value in state.items():
+            player, _, rest = key.partition(".")
+            out.setdefault(player, {})[rest] = value
+    return out

@@ -46,7 +46,8 @@ from symeq_dist.game import Game, MIMonitor, Round, Terms
 from symeq_dist.models import Players
 from symeq_dist.priors import Prior
 from symeq_dist.runtime import checkpoint
-from symeq_dist.runtime.dist import DistInfo, agree_any, all_reduce, reduce_stats
+from symeq_dist.runtime.dist import DistInfo, agree_any, all_gather, all_reduce, peak_memory_bytes, reduce_stats
+from symeq_dist.runtime.ema import EMA
 from symeq_dist.runtime.engines import Engines, discard_gradients, zero_stage
 from symeq_dist.runtime.monitor import Monitor
 from symeq_dist.train.drills import FaultPlan
@@ -76,6 +77,8 @@ class Trainer:
         self._count, self._tick = 0, time.perf_counter()
         self.faults = faults or FaultPlan()
         self.guard = self._grad_guard()
+        self._memory_logged = False
+        self.ema = EMA(engines, cfg.train.ema_decay, info) if cfg.train.ema_decay else None
 
     def _grad_guard(self) -> GradGuard | None:
         game_cfg = self.cfg.game
@@ -199,7 +202,16 @@ class Trainer:
         else:
             self.state.consecutive_skips = 0
             self.state.samples_seen += self.cfg.train.batch_size
+            if self.ema is not None:
+                self.ema.update()
         self.state.step += 1
+        if not self._memory_logged:  # after this process's first step: what a step really needs
+            self._memory_logged = True
+            peaks = all_gather(torch.tensor([float(peak_memory_bytes(self.info.device))], device=self.info.device),
+                               self.info)
+            where = "CUDA max allocated" if self.info.device.type == "cuda" else "process peak RSS"
+            log.info("peak memory after the first step, per rank (%s): %s", where,
+                     ", ".join(f"{float(b) / 2**30:.2f} GiB" for b in peaks))
         every = self.cfg.sampling.chain_every
         if every and self.state.step % every == 0:
             self.chain = sampling.chain_step(self.players.encoder, self.players.decoder, self.chain,
@@ -258,7 +270,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         meta = {"config": self.cfg.to_dict(), "samples_seen": self.state.samples_seen}
         checkpoint.save(self.cfg.run_dir, self.state.step, self.engines, self.rank_state(), meta=meta,
-                        info=self.info, keep_last=self.cfg.checkpoint.keep_last)
+                        info=self.info, keep_last=self.cfg.checkpoint.keep_last,
+                        ema=None if self.ema is None else self.ema.full())
 
     # ------------------------------------------------------------------ the loop
     def train(self, until: int | None = None) -> dict[str, float]:
