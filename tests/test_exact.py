@@ -201,3 +201,34 @@ def test_trainer_reaches_the_exact_equilibrium(pi_shards: Path, tmp_path: Path) 
     # stationary point of the ELBO (docs/consistency.md)
     assert exact.report(sp, fixed)["posterior_gap"] < 1e-12
     assert float(exact.elbo_gradients(sp, fixed).flat().abs().max()) < 1e-9
+
+
+def test_likelihood_bounds_are_the_exact_ones() -> None:
+    """eval/likelihood.py on the enumerable pair: the mean log weight is the exact ELBO of each x and the
+    importance-weighted bound with K = 4000 is the exact log p(x), each within 4.5 standard errors (for the
+    bound by the delta method: sd(w) / (mean(w) sqrt(K)) for the weights w = p(x, z) / q(z|x))."""
+    import math
+
+    from symeq_dist.eval.likelihood import bits_per_dim, log_weights
+
+    sp = space(3)
+    cfg = model_config("bilinear", num_latents=3)
+    torch.manual_seed(0)
+    enc, dec = build_players(cfg)
+    prm = Params.of_players(enc, dec)
+    prior = build_prior(PriorConfig(), dec)
+    log_joint = exact.log_p(sp, prm).T + sp.pi_z.log()  # (Nx, Nz): log pi(z) + log p(x|z)
+    log_px = torch.logsumexp(log_joint, dim=1)
+    lq = exact.log_q(sp, prm)  # (Nx, Nz)
+    exact_elbo = (lq.exp() * (log_joint - lq)).sum(dim=1)
+    states = torch.tensor([0, 21, 42, 63])
+    x = sp.xs[states].float().reshape(-1, 1, 1, sp.dx)
+    weights, discrete = log_weights(enc, dec, prior, x, 4000, torch.Generator().manual_seed(1))
+    se = weights.std(dim=0) / math.sqrt(weights.shape[0])
+    assert discrete and torch.all((weights.mean(dim=0) - exact_elbo[states]).abs() < 4.5 * se)
+    iw = torch.logsumexp(weights, dim=0) - math.log(weights.shape[0])
+    ratio = (weights - weights.max(dim=0).values).exp()  # w up to a per-x constant: the sd/mean ratio is the same
+    se_iw = ratio.std(dim=0) / ratio.mean(dim=0) / math.sqrt(weights.shape[0])
+    assert torch.all((iw - log_px[states]).abs() < 4.5 * se_iw) and torch.all(se_iw < 0.1)  # a lost log pi(z) is 2.1
+    report = bits_per_dim(enc, dec, prior, [x], num_samples=8, generator=torch.Generator().manual_seed(2))
+    assert report["iw_bpd"] <= report["elbo_bpd"] and report["num_images"] == 4
