@@ -25,7 +25,7 @@ from torch import nn
 from symeq_dist.config import ConfigError, EngineConfig, RunConfig
 from symeq_dist.errors import MissingInput
 from symeq_dist.runtime.dist import DistInfo
-from symeq_dist.runtime.ops import announce_build
+from symeq_dist.runtime.ops import ensure_loaded
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def build_engines(modules: dict[str, nn.Module], cfg: RunConfig, info: DistInfo)
     """
     base = load_ds_config(cfg.engines.ds_config)
     micro = cfg.micro_batch_size(info.world_size)
-    announce_build()
+    ensure_loaded()  # before DeepSpeed loads it: never hangs on a lock a killed process left
     dtype = torch.bfloat16 if base.get("bf16", {}).get("enabled") else torch.float32
     kw = {"micro_batch": micro, "grad_accumulation": cfg.train.grad_accumulation, "world_size": info.world_size}
     engines = {}
