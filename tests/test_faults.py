@@ -54,8 +54,9 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     ("nan:3:1", 0, ()),
     ("spike:3:1", 2, ("game.grad_spike=50", "game.grad_spike_warmup=2")),
     ("spike:3:0", 0, ("game.grad_spike=50", "game.grad_spike_warmup=2")),
+    ("spike:3:1", 3, ("game.grad_spike=50", "game.grad_spike_warmup=2")),
     ("nan:3:1", 0, ("game.schedule=simultaneous",)),
-], ids=["nan-zero0", "spike-zero2", "spike-zero0", "nan-simultaneous"])
+], ids=["nan-zero0", "spike-zero2", "spike-zero0", "spike-zero3", "nan-simultaneous"])
 def test_one_bad_rank_skips_both_players_on_all_ranks(tmp_path: Path, mnist_shards: Path, fault: str, stage: int,
                                                       extra: tuple[str, ...]) -> None:
     run = tmp_path / "run"

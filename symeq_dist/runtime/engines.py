@@ -144,6 +144,17 @@ def zero_stage(engine: Any) -> int:
     return int(engine.zero_optimization_stage())
 
 
+def begin_micro_batch(engine: Any) -> None:
+    """What `engine.forward()` does before a micro-batch's forward, for the players' methods that the game calls
+    instead of it. DeepSpeed 0.19's ZeRO optimisers count a micro-batch there (`clear_backward_seen_flag`):
+    without it, ZeRO-3 overwrites the accumulated gradient partition with each micro-batch's (only the last
+    of `train.grad_accumulation` micro-batches counted; ZeRO 1-2 clear their accumulation buffers there)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+
+
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """The engine's module parameters gathered in full on every rank (ZeRO-3 partitions them)."""
     module = engine.module
@@ -170,16 +181,26 @@ def consolidated_weights(engine: Any) -> dict[str, torch.Tensor]:
 def discard_gradients(engine: Any) -> None:
     """Throw away the gradients of a backward whose step is skipped, as DeepSpeed's own overflow path does.
 
-    ZeRO stages 0-2 (ZeRO-3 keeps its gradient partitions elsewhere; `game.grad_spike` refuses it).
+    Call it at or before the accumulation boundary, without the boundary's engine.step(). ZeRO 0-2: the
+    module's and the optimiser's gradient buffers. ZeRO-3 keeps the reduced gradient partitions in
+    the optimiser: its fp16-overflow clean-up (zero_grad, which also restarts the accumulation, and dropping the
+    averaged partitions or the CPU-offload buffers) is exactly a discarded step.
     """
     stage, optimizer = zero_stage(engine), engine.optimizer
     engine.module.zero_grad(set_to_none=True)
-    if stage == 0:
+    # the micro-batches of this iteration that were already counted (engine.step() before the boundary) are
+    # taken back, so the next iteration's accumulation boundary falls where it would have
+    engine.micro_steps -= engine.micro_steps % engine.gradient_accumulation_steps()
+    if stage == 3:
         optimizer.zero_grad(set_to_none=True)
+        if getattr(optimizer, "offload_optimizer", False):
+            optimizer.reset_cpu_buffers()
+        else:
+            optimizer.averaged_gradients = {}
         return
-    if stage > 2:
-        raise NotImplementedError("discarding gradients at ZeRO-3 is not supported")
     optimizer.zero_grad(set_to_none=True)
+    if stage == 0:
+        return
     release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
     if release is not None:
         release()

@@ -48,7 +48,7 @@ class GradGuard:
         return add
 
     def take(self, name: str) -> float:
-        """The local gradient norm of `name`'s last backward (resets the accumulator)."""
+        """The local gradient norm of `name`'s backwards since the last take: the root of their summed squares."""
         square = self._sq.pop(name, None)
         return 0.0 if square is None else float(square.sqrt())
 

@@ -23,8 +23,10 @@ Then, once per iteration on every rank (ZeRO-3 forwards are collective):
      every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
   9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
      raise Preempted (the CLI exits 75, the sbatch script requeues).
-Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary. A skip with
-train.grad_accumulation > 1 stops the run (gradients already accumulated cannot be taken back).
+Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary. The loss
+check runs per micro-batch, the gradient check once per engine on the norm accumulated over the micro-batches
+(at the boundary); a failed check discards the engine's accumulated gradients (any ZeRO stage) and
+rewinds its micro-step count, so the next iteration accumulates afresh.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from torch import Tensor
 
 from symeq_dist import sampling
-from symeq_dist.config import ConfigError, RunConfig
+from symeq_dist.config import RunConfig
 from symeq_dist.data import add_noise, to_float
 from symeq_dist.game import Game, MIMonitor, Round, Terms
 from symeq_dist.models import Players
@@ -48,7 +50,7 @@ from symeq_dist.priors import Prior
 from symeq_dist.runtime import checkpoint
 from symeq_dist.runtime.dist import DistInfo, agree_any, all_gather, all_reduce, peak_memory_bytes, reduce_stats
 from symeq_dist.runtime.ema import EMA
-from symeq_dist.runtime.engines import Engines, discard_gradients, zero_stage
+from symeq_dist.runtime.engines import Engines, begin_micro_batch, discard_gradients
 from symeq_dist.runtime.monitor import Monitor
 from symeq_dist.train.drills import FaultPlan
 from symeq_dist.train.guards import GradGuard, NonFiniteLoss
@@ -84,10 +86,6 @@ class Trainer:
         game_cfg = self.cfg.game
         if not game_cfg.grad_spike:
             return None
-        stages = {name: zero_stage(engine) for name, engine in self.engines.items()}
-        if max(stages.values()) > 2:
-            raise ConfigError(f"game.grad_spike needs ZeRO stage <= 2 (engines: {stages}); set game.grad_spike=0 "
-                             "or lower engines.*.zero_stage")
         return GradGuard({name: engine.module for name, engine in self.engines.items()},
                          factor=game_cfg.grad_spike, warmup=game_cfg.grad_spike_warmup, state=self.state.grad_norms)
 
@@ -135,17 +133,30 @@ class Trainer:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         return all_reduce(bad, self.info, op="max").item() == 0
 
-    def _step_all(self, updates: dict[str, Terms]) -> bool:
-        """After the backward of every engine in `updates`: step them all, or, if the gradient guard finds a
-        non-finite or spiking norm on any rank, discard all their gradients on every rank."""
-        norms = {name: self.guard.take(name) for name in updates} if self.guard else {}
+    def _discard(self, names: list[str]) -> bool:
+        """Throw away what `names` accumulated in this iteration, on every rank (the caller agreed to)."""
+        for name in names:
+            discard_gradients(self.engines[name])
+        return False
+
+    def _backward(self, micro: dict[str, Terms], last: bool) -> bool:
+        """The backward of every engine in `micro` (one micro-batch; all ranks agreed its losses are finite).
+        Before the last micro-batch each engine only counts the micro-step; at the last (DeepSpeed's
+        accumulation boundary) all of them step, or, if the gradient guard finds a non-finite or spiking
+        gradient norm over this iteration's micro-batches on any rank, all discard it on every rank."""
+        for name, terms in micro.items():
+            self.engines[name].backward(terms.loss)
+        if not last:
+            for name, terms in micro.items():
+                self.engines[name].step()  # not the boundary: DeepSpeed only counts the micro-step
+                self._accumulate(f"train/{name}", terms.stats)
+            return True
+        norms = {name: self.guard.take(name) for name in micro} if self.guard else {}
         if self.guard and agree_any(any(self.guard.is_bad(n, v) for n, v in norms.items()), self.info):
-            for name in updates:
-                discard_gradients(self.engines[name])
             log.warning("step %d: gradient norm spike or non-finite gradient on some rank (this rank: %s)",
                         self.state.step + 1, {n: f"{v:.3g}" for n, v in norms.items()})
-            return False
-        for name, terms in updates.items():
+            return self._discard(list(micro))
+        for name, terms in micro.items():
             self.engines[name].step()
             self._accumulate(f"train/{name}", terms.stats)
             if self.guard:
@@ -153,14 +164,8 @@ class Trainer:
                 self._sums[f"sys/grad_norm/{name}"] += norms[name]
         return True
 
-    def _update(self, name: str, terms: Terms) -> bool:
-        """backward + step of one engine, unless some rank's loss is not finite (then nothing is applied)."""
-        if not self._agree_finite(terms.loss):
-            return False
-        self.engines[name].backward(terms.loss)
-        return self._step_all({name: terms})
-
     def _loss(self, name: str, rnd: Round) -> Terms:
+        begin_micro_batch(self.engines[name])
         terms = self.game.losses[name](rnd)
         if self.faults.faults and name == next(iter(self.game.losses)):  # drills hit the step's first loss
             terms = replace(terms, loss=self.faults.first_loss(terms.loss, self.state.step + 1, self.info.rank))
@@ -172,21 +177,16 @@ class Trainer:
         Alternating: each engine takes all its micro-batches (DeepSpeed updates at the last) before the next
         engine's loss is computed, so the encoder dreams from the updated decoder in every micro-batch and an
         iteration is the single-batch algorithm at the global batch. Simultaneous: per micro-batch, every
-        loss, then every backward, then every step.
+        loss, then every backward. A failed check discards what the affected engines accumulated so far.
         """
         names = list(self.game.losses)
-        if self.cfg.game.schedule == "simultaneous" and len(names) > 1:
-            for rnd in rounds:
-                terms = {name: self._loss(name, rnd) for name in names}  # all from the same (theta, phi)
-                if not self._agree_finite(sum(t.loss for t in terms.values())):
-                    return False
-                for name, t in terms.items():  # every backward first, so a bad gradient of either skips both
-                    self.engines[name].backward(t.loss)
-                if not self._step_all(terms):
-                    return False
-        else:
-            for name in names:
-                if not all(self._update(name, self._loss(name, rnd)) for rnd in rounds):
+        groups = [names] if self.cfg.game.schedule == "simultaneous" else [[name] for name in names]
+        for group in groups:
+            for i, rnd in enumerate(rounds):
+                micro = {name: self._loss(name, rnd) for name in group}  # all from the same (theta, phi)
+                if not self._agree_finite(sum(t.loss for t in micro.values())):
+                    return self._discard(group)
+                if not self._backward(micro, last=i == len(rounds) - 1):
                     return False
         if self.state.step % self.cfg.monitor.mi_every == 0:
             for rnd in rounds:
@@ -221,9 +221,10 @@ class Trainer:
         self.state.skipped_steps += 1
         self.state.consecutive_skips += 1
         game_cfg = self.cfg.game
-        if game_cfg.nonfinite == "fail" or self.cfg.train.grad_accumulation > 1:
-            raise NonFiniteLoss(f"non-finite loss at step {self.state.step} (game.nonfinite={game_cfg.nonfinite}"
-                                f", accumulation {self.cfg.train.grad_accumulation}); lower the learning rates")
+        if game_cfg.nonfinite == "fail":
+            raise NonFiniteLoss(f"a bad update (non-finite loss or gradient, or a gradient spike) at step "
+                                f"{self.state.step} and game.nonfinite=fail; lower the learning rates, or set "
+                                "game.nonfinite=skip")
         if self.state.consecutive_skips > game_cfg.max_consecutive_skips:
             raise NonFiniteLoss(f"{self.state.consecutive_skips} consecutive skipped steps (non-finite loss or "
                                 f"gradient spike) at step {self.state.step} (cap game.max_consecutive_skips); "
