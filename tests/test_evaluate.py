@@ -4,6 +4,7 @@ whose shards have no feature network yet (digits-seg: no class labels), `symeq e
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,8 +18,11 @@ from symeq_dist.api import train as run_training
 from symeq_dist.cli import main
 from symeq_dist.config import load_config
 from symeq_dist.datasets.digits_seg import write_digits_seg_shards
+from symeq_dist.errors import InputError
+from symeq_dist.eval.diagnostics import Diagnostics, parse_chain_lengths, spread
 from symeq_dist.eval.features.classifier import train_classifier
 from symeq_dist.eval.run import EvalOptions, evaluate, load_extractors
+from symeq_dist.models.distributions import Bernoulli, Categorical, Gaussian
 from symeq_dist.runtime import checkpoint, dist
 from tests.conftest import tiny_overrides
 
@@ -67,14 +71,85 @@ def test_eval_report_is_complete_and_deterministic(runs: dict[str, Path], classi
     assert second["fd"] == first["fd"] and second["probe"] == first["probe"] and second["mi"] == first["mi"]
 
 
+def test_eval_of_a_step_with_several_chain_lengths(runs: dict[str, Path], classifier: Path) -> None:
+    """--step N evaluates that checkpoint (report in eval/step_<N>/, copied to eval/); a list of chain lengths is
+    one pass over the chain whose last length gives exactly the number a single length gives."""
+    run_dir = runs["symmetric"]
+    several = evaluate(_opts(run_dir, classifier, step=3, chain_steps=(3, 0, 2)))
+    step_dir = run_dir / "eval" / "step_00000003"
+    report = json.loads((step_dir / "report.json").read_text())
+    assert report["step"] == several["step"] == 3 and report["chain_lengths"] == [0, 2, 3]
+    assert report == json.loads((run_dir / "eval" / "report.json").read_text())  # the most recent evaluation
+    assert (step_dir / "tsne.png").is_file() and "limiting_chain@2" in (step_dir / "report.md").read_text()
+    (net,) = report["fd"]
+    fd = report["fd"][net]
+    assert set(fd) == {"random_code", "limiting_chain", "reconstruction", "limiting_chain@0", "limiting_chain@2",
+                       "limiting_chain@3"}
+    assert fd["limiting_chain"] == fd["limiting_chain@3"]
+    assert report["consistency_gap_by_length"][net] == pytest.approx(
+        {k: fd[f"limiting_chain@{k}"] - fd["random_code"] for k in ("0", "2", "3")})
+    single = evaluate(_opts(run_dir, classifier, step=3, chain_steps=3))
+    assert single["fd"][net] == {k: fd[k] for k in ("random_code", "limiting_chain", "reconstruction")}
+    assert single["chain_lengths"] == [3] and "consistency_gap_by_length" not in single
+    latest = evaluate(_opts(run_dir, classifier))
+    assert latest["step"] == 6 and latest["fd"][net]["random_code"] != fd["random_code"]
+    assert json.loads((run_dir / "eval" / "report.json").read_text())["step"] == 6
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {f"eval/{net}/gap@2", f"eval/{net}/limiting_chain@0", "eval/nll/encoder/z_gap",
+            "eval/codes/chain@2/fd_to_prior"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars(f"eval/{net}/gap@2")] == [3]
+
+
+def test_eval_of_a_missing_step_names_the_ones_there_are(runs: dict[str, Path], classifier: Path) -> None:
+    before = sorted((runs["elbo"] / "eval").rglob("*")) if (runs["elbo"] / "eval").exists() else []
+    with pytest.raises(checkpoint.CheckpointError, match=r"no complete checkpoint of step 4 \(it has \[3, 6\]\)"):
+        evaluate(_opts(runs["elbo"], classifier, step=4))
+    after = sorted((runs["elbo"] / "eval").rglob("*")) if (runs["elbo"] / "eval").exists() else []
+    assert after == before
+
+
+def test_eval_diagnostics_of_a_trained_run(runs: dict[str, Path], classifier: Path) -> None:
+    """The report's diagnostics section: both players' NLL pairs, the posterior spread, the code drift per length."""
+    results = evaluate(_opts(runs["elbo"], classifier, chain_steps=(0, 3)))
+    diag = results["diagnostics"]
+    assert set(diag["joint_nll"]["encoder"]) == {"z"} and set(diag["joint_nll"]["decoder"]) == {"x"}
+    for row in (diag["joint_nll"]["encoder"]["z"], diag["joint_nll"]["decoder"]["x"]):
+        assert row["gap"] == pytest.approx(row["dreams"] - row["data"]) and math.isfinite(row["gap"])
+    assert diag["joint_nll"]["decoder"]["x"]["dims"] == 784 and diag["joint_nll"]["encoder"]["z"]["dims"] == 4
+    assert diag["posterior"]["family"] == "gaussian" and diag["posterior"]["prior_variance"] == 1.0
+    assert diag["posterior"]["data"]["variance"] > 0 and diag["posterior"]["dreams"]["variance"] > 0
+    codes = diag["codes"]
+    assert codes["latent"] == "z" and codes["dims"] == 4
+    assert {"prior", "prior_resampled", "posterior_data", "posterior_dreams", "chain@0", "chain@3"} <= set(codes)
+    assert "fd_to_prior" not in codes["prior"] and all(codes[s]["fd_to_prior"] >= 0 for s in ("chain@0", "chain@3"))
+    md = (runs["elbo"] / "eval" / "report.md").read_text()
+    assert "## Consistency diagnostics" in md and "| encoder | z | 4 |" in md and "| chain@3 |" in md
+
+
+def test_eval_command_step_and_chain_list(runs: dict[str, Path], classifier: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["eval", str(runs["elbo"]), "--n", "40", "--batch-size", "20", "--tsne-points", "20", "--features",
+            str(classifier)]
+    assert main([*args, "--step", "3", "--chain-steps", "0,2"]) == 0
+    out = capsys.readouterr().out
+    assert "limiting_chain@2" in out and f"wrote {runs['elbo'] / 'eval' / 'step_00000003'}" in out
+    assert main([*args, "--chain-steps", "10,x"]) == 2
+    assert "comma-separated list such as 0,10,100,1000" in capsys.readouterr().err
+
+
 def test_compare_puts_runs_side_by_side(runs: dict[str, Path], classifier: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     for run_dir in runs.values():
-        evaluate(_opts(run_dir, classifier))
+        for step in (3, None):  # two evaluated steps: FD and gap against the training step
+            evaluate(_opts(run_dir, classifier, step=step, chain_steps=(0, 3)))
     assert main(["compare", str(runs["symmetric"]), str(runs["elbo"]), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert "symmetric" in table and "elbo" in table
     assert (tmp_path / "cmp.md").is_file() and (tmp_path / "cmp.png").is_file()
+    assert (tmp_path / "cmp_curves.png").is_file() and "## Across training" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| symmetric (", "| elbo ("))]
+    assert [row.split(" | ")[1] for row in rows] == ["3", "6", "3", "6"], rows
 
 
 def test_eval_without_checkpoint_writes_nothing(tmp_path: Path, classifier: Path) -> None:
@@ -193,3 +268,70 @@ def test_eval_caches_the_feature_network_in_the_run_when_the_shards_are_read_onl
         copy.chmod(0o755)
     (network,) = extractors.values()
     assert network.path == str(tmp_path / "run" / "eval" / "classifier.pt")
+
+
+# ---------------------------------------------------------------- the diagnostics' definitions on known joints
+
+def _gaussian_pair(n: int, noise: float, q_scale: float, seed: int) -> dict[str, object]:
+    """pi(z) = N(0, 1), p(x|z) = N(z, noise^2) and its exact posterior q(z|x) = N(x / (1 + noise^2),
+    noise^2 / (1 + noise^2)), with the posterior's standard deviation scaled by q_scale (1: consistent)."""
+    gen = torch.Generator().manual_seed(seed)
+    shrink, post_sd = 1.0 / (1.0 + noise**2), noise / math.sqrt(1.0 + noise**2)
+
+    def q(x: torch.Tensor) -> Gaussian:
+        return Gaussian(x * shrink, torch.full_like(x, math.log(post_sd * q_scale)))
+
+    z_dream = torch.randn(n, 1, generator=gen)
+    x_dream = z_dream + noise * torch.randn(n, 1, generator=gen)
+    x_data = math.sqrt(1.0 + noise**2) * torch.randn(n, 1, generator=gen)  # pi(x) = the decoder's marginal
+    z_data = q(x_data).sample(gen)
+    p_dream, p_data = Gaussian(z_dream, torch.tensor(math.log(noise))), Gaussian(z_data, torch.tensor(math.log(noise)))
+    return {"dreams": (q(x_dream), z_dream, p_dream, x_dream), "data": (q(x_data), z_data, p_data, x_data)}
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 2.0])
+def test_joint_nll_gap_is_zero_for_a_consistent_pair(q_scale: float) -> None:
+    """gap = dreams - data vanishes (within Monte-Carlo error) when pi(x) q(z|x) = pi(z) p(x|z), and not when the
+    encoder's standard deviation is off by a factor c = q_scale, where both gaps have closed forms."""
+    noise, c = 0.5, q_scale
+    diag = Diagnostics("z", "gaussian", 1)
+    for where, (q, z, p, x) in _gaussian_pair(200_000, noise, c, seed=0).items():
+        diag.add_nll("encoder", where, {"z": q}, {"z": z})
+        diag.add_nll("decoder", where, {"x": p}, {"x": x})
+        diag.add_posterior(where, q)
+    table = diag.table()
+    encoder, decoder = table["joint_nll"]["encoder"]["z"], table["joint_nll"]["decoder"]["x"]
+    # -log q = const + (z - m(x))^2 / (2 c^2 s^2): (z - m)^2 has mean s^2 on dreams and c^2 s^2 on data
+    assert encoder["gap"] == pytest.approx(0.5 / c**2 - 0.5, abs=0.01)
+    # -log p = const + (x - z)^2 / (2 noise^2): E (x - z)^2 = noise^2 on dreams, noise^2 (noise^2 + c^2)/(1 + noise^2)
+    # on data (x - m(x) and the encoder's noise c s are independent there)
+    assert decoder["gap"] == pytest.approx(0.5 * (1 - (noise**2 + c**2) / (1 + noise**2)), abs=0.01)
+    variance = noise**2 / (1 + noise**2) * c**2
+    assert table["posterior"]["data"]["variance"] == pytest.approx(variance)
+    assert table["posterior"]["data"]["entropy"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e * variance))
+
+
+def test_posterior_spread_and_code_drift() -> None:
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.5]])
+    variance, entropy = spread(Bernoulli(logits))
+    reference = torch.distributions.Bernoulli(logits=logits)
+    assert torch.allclose(variance, reference.variance) and torch.allclose(entropy, reference.entropy())
+    assert spread(Categorical(torch.zeros(2, 3))) is None
+    gen = torch.Generator().manual_seed(0)
+    diag = Diagnostics("z", "gaussian", 8)
+    diag.add_codes("prior", torch.randn(20_000, 8, generator=gen))
+    diag.add_codes("prior_resampled", torch.randn(20_000, 8, generator=gen))
+    diag.add_codes("chain@10", 0.5 + torch.randn(20_000, 8, generator=gen))  # every dim shifted by 0.5
+    codes = diag.table()["codes"]
+    assert codes["prior_resampled"]["fd_to_prior"] < 0.01
+    assert codes["chain@10"]["fd_to_prior"] == pytest.approx(8 * 0.25, abs=0.03)
+    assert codes["chain@10"]["mean"] == pytest.approx(0.5, abs=0.02)
+    assert codes["chain@10"]["variance"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_chain_lengths_are_parsed() -> None:
+    assert parse_chain_lengths("1000") == (1000,) and parse_chain_lengths(7) == (7,)
+    assert parse_chain_lengths("100, 0,10,100") == (0, 10, 100) and parse_chain_lengths([3, 1]) == (1, 3)
+    for bad in ("", "-1", "1,a", []):
+        with pytest.raises(InputError):
+            parse_chain_lengths(bad)

@@ -116,3 +116,76 @@ def test_compare_runs_missing_report_names_the_command(tmp_path: Path) -> None:
     (tmp_path / "never_evaluated").mkdir()
     with pytest.raises(FileNotFoundError, match="symeq eval"):
         compare_runs([tmp_path / "never_evaluated"], None, None)
+
+
+def _with_lengths(results: dict[str, Any], step: int, chain: dict[int, float]) -> dict[str, Any]:
+    """`results` at training step `step`, with the limiting chain measured after each length of `chain`."""
+    out = copy.deepcopy(results)
+    net = next(iter(out["fd"]))
+    lengths = sorted(chain)
+    out.update(step=step, chain_steps=lengths[-1], chain_lengths=lengths)
+    out["fd"][net].update({f"limiting_chain@{k}": v for k, v in chain.items()}, limiting_chain=chain[lengths[-1]])
+    random = out["fd"][net]["random_code"]
+    out["consistency_gap"] = {net: chain[lengths[-1]] - random}
+    out["consistency_gap_by_length"] = {net: {str(k): v - random for k, v in chain.items()}}
+    return out
+
+
+def _diagnostics() -> dict[str, Any]:
+    return {"joint_nll": {"encoder": {"z": {"dims": 16, "dreams": 1.25, "data": 0.5, "gap": 0.75}},
+                          "decoder": {"x": {"dims": 784, "dreams": 0.0625, "data": 0.125, "gap": -0.0625}}},
+            "posterior": {"latent": "z", "family": "gaussian", "prior_variance": 1.0,
+                          "data": {"variance": 0.03125, "entropy": -0.5}, "dreams": {"variance": 0.0625,
+                                                                                      "entropy": 0.25}},
+            "codes": {"latent": "z", "dims": 16, "prior": {"mean": 0.0, "variance": 1.0},
+                      "chain@1000": {"mean": 0.375, "variance": 2.5, "fd_to_prior": 7.75}}}
+
+
+def test_report_shows_every_chain_length_and_the_diagnostics(tmp_path: Path) -> None:
+    results = _with_lengths(_results(), 12000, {0: 40.0, 10: 30.0, 1000: 15.5})
+    results["diagnostics"] = _diagnostics()
+    _, md_path = write_report(tmp_path, results)
+    md = md_path.read_text()
+    for expected in ("limiting-chain steps: 0, 10, 1000", "| limiting_chain@10 | 30.0000 |",
+                     "| gap after 0 chain steps | 27.6543 |", "## Consistency diagnostics",
+                     "| encoder | z | 16 | 1.2500 | 0.5000 | 0.7500 |", "| data | 0.0312 | -0.5000 |",
+                     "| chain@1000 | 0.3750 | 2.5000 | 7.7500 |", "prior variance 1.0000"):
+        assert expected in md, expected
+
+
+def _write_steps(root: Path, name: str, game: str, points: dict[int, dict[int, float]]) -> Path:
+    """A run directory with one eval/step_<N>/report.json per training step (and eval/report.json = the last)."""
+    run_dir = root / name
+    for step, chain in points.items():
+        results = _with_lengths(_results(run_dir=str(run_dir)), step, chain)
+        results["game"] = game
+        write_report(run_dir / "eval" / f"step_{step:08d}", results)
+        write_report(run_dir / "eval", results)
+    return run_dir
+
+
+def test_compare_runs_draws_fd_and_gap_against_the_training_step(tmp_path: Path) -> None:
+    sym = _write_steps(tmp_path, "sym", "symmetric", {30000: {0: 20.0, 1000: 25.0}, 3000: {0: 40.0, 1000: 90.0},
+                                                       10000: {0: 30.0, 1000: 50.0}})
+    elbo = _write_steps(tmp_path, "elbo", "elbo", {3000: {0: 35.0, 1000: 300.0}, 30000: {0: 20.0, 1000: 400.0}})
+    text = compare_runs([sym, elbo], tmp_path / "cmp.md", tmp_path / "cmp.png", out_curves=tmp_path / "curves.png")
+    assert "## Across training" in text and "| limiting_chain@0 |" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| run | step |"))
+    assert header == "| run | step | n | random code | chain 0 | chain 1000 | gap 0 | gap 1000 |"
+    for row in ("| sym (symmetric) | 3000 | 4500 | 12.3 | 40.0 | 90.0 | 27.7 | 77.7 |",
+                "| sym (symmetric) | 30000 | 4500 | 12.3 | 20.0 | 25.0 | 7.7 | 12.7 |",
+                "| elbo (elbo) | 30000 | 4500 | 12.3 | 20.0 | 400.0 | 7.7 | 387.7 |"):
+        assert row in text, row
+    assert text.index("| sym (symmetric) | 3000 |") < text.index("| sym (symmetric) | 10000 |")  # step order
+    # side by side: each run's most recent evaluation (sym's step 10000 was written last)
+    assert "| step | 10000 | 30000 |" in text and "FD-clf-1a2b3c4d limiting_chain@0 | 30.0000 | 20.0000 |" in text
+    with Image.open(tmp_path / "curves.png") as png:
+        assert png.size[0] > 600 and np.asarray(png.convert("L")).std() > 0
+
+
+def test_compare_runs_without_several_steps_draws_no_curves(tmp_path: Path) -> None:
+    old = _write_run(tmp_path, "old", _results())  # a report from before step directories and chain lists
+    one = _write_steps(tmp_path, "one", "elbo", {3000: {0: 35.0, 1000: 300.0}})
+    text = compare_runs([old, one], None, None, out_curves=tmp_path / "curves.png")
+    assert "Across training" not in text and not (tmp_path / "curves.png").exists()
+    assert "| FD-clf-1a2b3c4d limiting_chain@1000 | 15.5000 | 300.0000 |" in text  # the old report's single length

@@ -18,7 +18,12 @@ def add_eval_parsers(sub: Any) -> None:
     ev.add_argument("shards", type=Path, nargs="?",
                     help="with train-features: the shards to train the feature network on")
     ev.add_argument("--n", type=int, default=10_000, help="samples per generated set (default 10000)")
-    ev.add_argument("--chain-steps", type=int, default=1000, help="limiting-chain steps (default 1000)")
+    ev.add_argument("--chain-steps", default="1000", metavar="N[,N...]",
+                    help="limiting-chain steps (default 1000); a list such as 0,10,100,1000 measures the chain after "
+                         "each length in one pass (report keys limiting_chain@N)")
+    ev.add_argument("--step", type=int, default=None,
+                    help="evaluate the checkpoint of this training step (default: the latest); reports go to "
+                         "RUN_DIR/eval/step_<N>/ and are copied to RUN_DIR/eval/")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=500, help="images generated and embedded at once")
     ev.add_argument("--features", type=Path, default=None,
@@ -36,12 +41,15 @@ def add_eval_parsers(sub: Any) -> None:
                          "core count, and one is faster on a busy CPU; 0: torch's default, the machine's cores)")
     cmp = sub.add_parser("compare", help="put evaluated runs side by side (markdown table + plot)")
     cmp.add_argument("run_dirs", type=Path, nargs="+")
-    cmp.add_argument("--out", type=Path, default=None, help="also write the table (.md) and a plot (.png) here")
+    cmp.add_argument("--out", type=Path, default=None,
+                     help="also write the table (OUT.md) and a plot (OUT.png) here; runs evaluated at several steps "
+                          "add FD and gap against the training step (OUT_curves.png and a table in OUT.md)")
 
 
 def run_eval(args: argparse.Namespace) -> None:
     from symeq_dist import api
     from symeq_dist.config import ConfigError
+    from symeq_dist.eval.diagnostics import parse_chain_lengths
     from symeq_dist.eval.features.classifier import train_classifier
     from symeq_dist.eval.run import EvalOptions
 
@@ -54,14 +62,18 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"wrote {info['path']} ({info['name']}, trained on {info['target_description']}; "
               f"{info['accuracy_split']} accuracy {info['valid_accuracy']:.4f})")
         return
-    opts = EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=args.chain_steps, seed=args.seed,
+    lengths = parse_chain_lengths(args.chain_steps)
+    opts = EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=lengths if len(lengths) > 1 else lengths[0],
+                       step=args.step, seed=args.seed,
                        batch_size=args.batch_size, features=args.features, train_features=not args.no_train_features,
                        feature_epochs=args.epochs, feature_threads=args.threads or None,
                        inception_weights=args.inception_weights, tsne_points=args.tsne_points)
     with _eval_log():  # says when the feature network is trained first
         results = api.evaluate(opts)
-    print((args.run_dir / "eval" / "report.md").read_text())
-    print(f"wrote {args.run_dir / 'eval'} (report.md, report.json, figures); step {results['step']}")
+    step_dir = args.run_dir / "eval" / f"step_{results['step']:08d}"
+    print((step_dir / "report.md").read_text())
+    print(f"wrote {step_dir} (report.md, report.json, figures; copied to {args.run_dir / 'eval'}); "
+          f"step {results['step']}")
 
 
 @contextlib.contextmanager
@@ -84,4 +96,5 @@ def run_compare(args: argparse.Namespace) -> None:
 
     out_md = args.out.with_suffix(".md") if args.out else None
     out_png = args.out.with_suffix(".png") if args.out else None
-    print(compare_runs(args.run_dirs, out_md, out_png))
+    out_curves = args.out.with_name(args.out.with_suffix("").name + "_curves.png") if args.out else None
+    print(compare_runs(args.run_dirs, out_md, out_png, out_curves=out_curves))

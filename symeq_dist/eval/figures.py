@@ -1,4 +1,5 @@
-"""Evaluation figures: the joint t-SNE figure of prior, posterior and limiting-chain codes (METHOD §13.3, #20).
+"""Evaluation figures: the joint t-SNE figure of prior, posterior and limiting-chain codes (METHOD §13.3, #20),
+and small-multiple line plots (FD and gap against the training step, `symeq compare`).
 
 Draws on matplotlib's Agg canvas directly (no pyplot state, no backend switch); must not import tensorboard
 or deepspeed.
@@ -14,6 +15,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 DPI = 100
 
@@ -150,3 +152,49 @@ def tsne_figure(codes: dict[str, np.ndarray], labels: dict[str, np.ndarray | Non
     bounds = np.cumsum([len(x) for x in points.values()])[:-1]
     xy = dict(zip(points, np.split(embedded, bounds), strict=True))
     return save_figure(_tsne_panels(xy, point_labels, title), out_png)
+
+
+Series = dict[str, tuple[list[float], list[float]]]
+"""Line label -> (x values, y values)."""
+
+
+def curves_figure(panels: list[tuple[str, Series]], out_png: Path, *, ncols: int, xlabel: str, ylabel: str,
+                  title: str = "") -> np.ndarray:
+    """Small multiples: one panel per (title, series), one line with markers per label (the same colour for the
+    same label in every panel), a shared legend in the first free cell (or the first panel).
+
+    The x axis is logarithmic when every x value is positive and they span a factor of 10 or more (training
+    lengths such as 3k, 10k, 30k). Missing points are NaN (a gap in the line).
+
+    Returns:
+        The rendered figure as uint8 (H, W, 3).
+    """
+    if not panels:
+        raise ValueError("curves_figure needs at least one panel")
+    labels = list(dict.fromkeys(label for _, series in panels for label in series))
+    colors = {label: colormaps["tab10"](i % 10) for i, label in enumerate(labels)}
+    xs = [x for _, series in panels for values, _ in series.values() for x in values]
+    log_x = bool(xs) and min(xs) > 0 and max(xs) >= 10 * min(xs)
+    nrows = -(-(len(panels) + 1) // ncols)  # one more cell for the legend
+    fig = Figure(figsize=(3.2 * ncols, 2.7 * nrows), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
+    for ax, (name, series) in zip(axes, panels, strict=False):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, color=colors[label], label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    free = axes[len(panels):]
+    for ax in free:
+        ax.axis("off")
+    handles = [Line2D([], [], color=colors[label], marker="o", markersize=3) for label in labels]
+    (free[0] if len(free) else axes[0]).legend(handles, labels, fontsize=8, loc="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out_png)

@@ -14,8 +14,26 @@ from typing import Any
 import numpy as np
 
 FD_SETS = ("random_code", "limiting_chain", "reconstruction")
+LIMITING = "limiting_chain"  # the longest chain; "limiting_chain@L" after L steps when several lengths were asked
 ACTIVE_MI = 0.01  # nats: a latent dimension with MI below this is inactive (collapsed), METHOD §13.3
 COMPARABILITY = "FD numbers are comparable only at equal feature network, reference set and n (METHOD §13.2)"
+
+
+def chain_lengths(results: dict[str, Any]) -> list[int]:
+    """The limiting-chain lengths an evaluation measured (reports older than chain lists have one)."""
+    lengths = results.get("chain_lengths")
+    if lengths:
+        return [int(v) for v in lengths]
+    return [int(results["chain_steps"])] if results.get("chain_steps") is not None else []
+
+
+def chain_fd(results: dict[str, Any], network: str, length: int) -> float | None:
+    """FD of the limiting chain after `length` steps in `network` features; None when not measured."""
+    fd = results.get("fd", {}).get(network, {})
+    if f"{LIMITING}@{length}" in fd:
+        return fd[f"{LIMITING}@{length}"]
+    lengths = chain_lengths(results)
+    return fd.get(LIMITING) if lengths and length == lengths[-1] else None
 
 
 def num(value: Any, digits: int = 4) -> str:
@@ -55,7 +73,9 @@ def _md_header(results: dict[str, Any]) -> list[str]:
     lines = [f"# symeq evaluation: {Path(str(results.get('run_dir', '?'))).name}", "",
              f"- run_dir: `{results.get('run_dir')}`", f"- checkpoint step: {results.get('step')}",
              f"- seed: {results.get('seed')}", f"- n (samples per set): {results.get('n')}",
-             f"- limiting-chain steps: {results.get('chain_steps', 'n/a')}"]
+             f"- limiting-chain steps: {', '.join(map(str, chain_lengths(results))) or 'n/a'}"]
+    if results.get("ema_weights"):
+        lines.append("- weights: the run's exponential moving averages (train.ema_decay)")
     lines += [f"- {key}: {results[key]}" for key in ("game", "model") if key in results]
     reference = results.get("reference")
     if isinstance(reference, dict):
@@ -69,9 +89,16 @@ def _md_fd(results: dict[str, Any]) -> list[str]:
     gap: dict[str, float] = results.get("consistency_gap", {})
     networks = list(fd)
     lines = ["## Fréchet distances", "", f"Each set against the reference features; {COMPARABILITY}.", ""]
+    lengths = chain_lengths(results)
+    by_length: dict[str, dict[str, float]] = results.get("consistency_gap_by_length", {})
     if networks:
-        rows = [[name, *(num(fd[net].get(name)) for net in networks)] for name in FD_SETS]
+        names = [*FD_SETS, *(f"{LIMITING}@{length}" for length in lengths if any(
+            f"{LIMITING}@{length}" in fd[net] for net in networks))]
+        rows = [[name, *(num(fd[net].get(name)) for net in networks)] for name in names]
         rows.append(["**consistency gap** (limiting − random)", *(num(gap.get(net)) for net in networks)])
+        if by_length:
+            rows += [[f"gap after {length} chain steps", *(num(by_length.get(net, {}).get(str(length)))
+                                                          for net in networks)] for length in lengths]
         lines += [*table(["set", *networks], rows), ""]
     else:
         lines += ["No Fréchet distances were computed.", ""]
@@ -96,6 +123,36 @@ def _md_mi(results: dict[str, Any]) -> list[str]:
             *table(["player", "factor", "mean MI", f"active (MI ≥ {ACTIVE_MI})", "dims"], rows), ""]
 
 
+def _md_diagnostics(results: dict[str, Any]) -> list[str]:
+    """The consistency diagnostics (`eval/diagnostics.py`): joint NLL pairs, posterior spread, code drift."""
+    diag: dict[str, Any] = results.get("diagnostics") or {}
+    if not diag:
+        return []
+    lines = ["## Consistency diagnostics", "",
+             "Mean −log f per dimension (nats) of every factor f under the decoder's joint π(z) p(x|z) (dreams) and "
+             "the data joint π(x) q(z|x) (data); gap = dreams − data, 0 for a consistent pair. The encoder trains "
+             "on its dreams column, the decoder on its data column.", ""]
+    rows = [[player, name, str(row.get("dims")), num(row.get("dreams")), num(row.get("data")), num(row.get("gap"))]
+            for player, factors in diag.get("joint_nll", {}).items() for name, row in factors.items()]
+    lines += [*table(["player", "factor", "dims", "dreams", "data", "gap"], rows), ""]
+    post = diag.get("posterior", {})
+    if post.get("data") or post.get("dreams"):
+        lines += [f"Encoder factor of the top latent `{post.get('latent')}` ({post.get('family')}), per dimension; "
+                  f"prior variance {num(post.get('prior_variance'))}:", ""]
+        rows = [[where, num(post[where].get("variance")), num(post[where].get("entropy"))]
+                for where in ("data", "dreams") if where in post]
+        lines += [*table(["inputs", "posterior variance", "posterior entropy"], rows), ""]
+    codes = diag.get("codes", {})
+    sets = [(name, row) for name, row in codes.items() if isinstance(row, dict)]
+    if sets:
+        lines += [f"Codes of the top latent `{codes.get('latent')}` ({codes.get('dims')} dims): mean of the "
+                  "per-dimension means and variances, Fréchet distance to the prior samples:", ""]
+        rows = [[name, num(row.get("mean")), num(row.get("variance")), num(row.get("fd_to_prior"))]
+                for name, row in sets]
+        lines += [*table(["codes", "mean", "variance", "FD to prior"], rows), ""]
+    return lines
+
+
 def _md_scalars(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     recon = results.get("reconstruction_error")
@@ -115,7 +172,8 @@ def _md_scalars(results: dict[str, Any]) -> list[str]:
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The readable report.md text of one evaluation (layout: see `write_report`)."""
-    lines = _md_header(results) + _md_fd(results) + _md_mi(results) + _md_scalars(results)
+    lines = (_md_header(results) + _md_fd(results) + _md_diagnostics(results) + _md_mi(results)
+             + _md_scalars(results))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -124,8 +182,12 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
 
     Expected `results` layout (extra keys, such as "game", "model" or "reference", are kept and shown)::
 
-        {"run_dir": str, "step": int, "seed": int, "n": int, "chain_steps": int,
-         "fd": {network_name: {"random_code": float, "limiting_chain": float, "reconstruction": float}},
+        {"run_dir": str, "step": int, "seed": int, "n": int, "chain_steps": int,   # the longest chain
+         "chain_lengths": [int, ...],                                                # every measured length
+         "fd": {network_name: {"random_code": float, "limiting_chain": float, "reconstruction": float,
+                               "limiting_chain@L": float, ...}},                    # @L: only for several lengths
+         "consistency_gap_by_length": {network_name: {"L": float}},                 # only for several lengths
+         "diagnostics": {"joint_nll": ..., "posterior": ..., "codes": ...},         # eval/diagnostics.py
          "fd_networks": {network_name: {"kind": "classifier"|"inception", "sha256": str,
                                         "valid_accuracy": float|None}},
          "fid_skipped": str | None,

@@ -1,21 +1,23 @@
 """`symeq eval`: the numbers every run gets, computed the same way every time (METHOD.md §13).
 
-For the latest checkpoint of a run: Fréchet distances between held-out data and (a) random-code samples,
-(b) limiting-chain samples (chains started from a decoder sample, `chain_steps` steps, then the mode/mean
-image of one more step), (c) reconstructions, in the features of every available network (the dataset's
-own classifier always, InceptionV3 only from a local weights file); the consistency gap (limiting minus
-random code); per-latent mutual information of both players; a reconstruction error; a linear probe of
-the labels on the encoder's codes; a t-SNE figure of prior, posterior and limiting-chain codes.
+For the latest checkpoint of a run, or the one of a given step: Fréchet distances between held-out data and
+(a) random-code samples, (b) limiting-chain samples (chains started from a decoder sample; after each of the
+`chain_steps` lengths, in one pass over the chain, the mode/mean image of one more step), (c) reconstructions,
+in the features of every available network (the dataset's own classifier always, InceptionV3 only from a
+local weights file); the consistency gap (limiting minus random code) per chain length; the consistency
+diagnostics of `diagnostics.py`; per-latent mutual information of both players; a reconstruction error; a
+linear probe of the labels on the encoder's codes; a t-SNE figure of prior, posterior and limiting-chain codes.
+Reports go to <run_dir>/eval/step_<N>/ and are mirrored to <run_dir>/eval/ (the most recent evaluation).
 Images are generated and embedded in chunks: memory stays bounded whatever `n` is. Single process, on the
 accelerator when there is one (`runtime.dist.local_device`), else the CPU.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,86 +29,18 @@ from tqdm import tqdm
 from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
-from symeq_dist.eval.features import INCEPTION_FILE, FeatureExtractor, load_classifier_features, load_inception_features
-from symeq_dist.eval.features.classifier import describe_target, estimate_seconds, train_classifier
+from symeq_dist.eval.diagnostics import Diagnostics, chain_key
+from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
-from symeq_dist.eval.model import TrainedModel, load_trained
+from symeq_dist.eval.model import TrainedModel
+from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors, load_model
 from symeq_dist.eval.probe import linear_probe_accuracy
 from symeq_dist.eval.report import write_report
 from symeq_dist.game.mi import DEAD_MI
 
-log = logging.getLogger(__name__)
-SETS = ("random_code", "limiting_chain", "reconstruction")
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    run_dir: Path
-    n: int = 10_000
-    """Samples per generated set (the reference set is the held-out/training split, at most n images)."""
-    chain_steps: int = 1000
-    seed: int = 0
-    batch_size: int = 500
-    """Images generated and embedded at once (bounds memory)."""
-    features: Path | None = None
-    """Feature-network checkpoint (must exist); default <shards>/classifier.pt, trained there on first use."""
-    train_features: bool = True
-    """Train the default feature network when it is missing (False: stop with an error naming the command)."""
-    feature_epochs: int = 5
-    """Epochs of that training (5 = `symeq eval train-features`'s default: the same network and name)."""
-    feature_threads: int | None = 1
-    """Torch threads of that training (1: its bytes, so its name, do not depend on the core count)."""
-    inception_weights: Path | None = None
-    """pytorch-fid's Inception weights; default $TORCH_HOME/hub/checkpoints/<file> if it exists, else FID is skipped."""
-    tsne_points: int = 2000
-    progress: bool = True
-
-
-def _default_inception() -> Path | None:
-    home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    path = home / "hub" / "checkpoints" / INCEPTION_FILE
-    return path if path.is_file() else None
-
-
-def load_extractors(opts: EvalOptions, cfg: RunConfig,
-                    device: torch.device) -> tuple[dict[str, FeatureExtractor], str | None]:
-    """The FD-clf network (trained first when missing, see `feature_network_path`) and Inception (when a weights
-    file is given or found); the reason if FID is skipped."""
-    classifier = load_classifier_features(feature_network_path(opts, cfg))
-    extractors: dict[str, FeatureExtractor] = {classifier.name: classifier.to(device)}
-    weights = opts.inception_weights or _default_inception()
-    if weights is None:
-        return extractors, (f"no Inception weights: pass --inception-weights PATH to {INCEPTION_FILE} "
-                            "(pytorch-fid's file; nothing is downloaded)")
-    inception = load_inception_features(weights)
-    extractors[inception.name] = inception.to(device)
-    return extractors, None
-
-
-def feature_network_path(opts: EvalOptions, cfg: RunConfig) -> Path:
-    """The FD-clf network's checkpoint: `opts.features` as given, else the cached one, trained first if missing.
-
-    The cache is <shards>/classifier.pt (one per data set: every run on the shards is measured with the same
-    network), or <run_dir>/eval/classifier.pt when the shards' directory is not writable. The training is
-    `symeq eval train-features <shards>` with its defaults (seed 0, one thread), so either way gives the same file.
-    """
-    if opts.features is not None:
-        return opts.features  # named by the user: used as it is, an error if it is missing
-    shards = Path(cfg.data.shards)
-    cached = [shards / "classifier.pt", opts.run_dir / "eval" / "classifier.pt"]
-    found = next((path for path in cached if path.is_file()), None)
-    if found is not None or not opts.train_features:
-        return found or cached[0]  # a missing file fails in load_classifier_features, naming the command
-    path = cached[0] if os.access(shards, os.W_OK) else cached[1]
-    seconds = estimate_seconds(shards, opts.feature_epochs) / (opts.feature_threads or os.cpu_count() or 1)
-    log.info("no feature network for %s: training one (%d epochs, ~%s; %s) -> %s, as `symeq eval train-features "
-             "%s` does, once per data set (--threads 0 uses every core; --no-train-features stops instead)", shards,
-             opts.feature_epochs, f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min",
-             describe_target(shards), path, shards)
-    train_classifier(shards, path, epochs=opts.feature_epochs, seed=0, num_threads=opts.feature_threads,
-                     progress=opts.progress)
-    return path
+__all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors", "load_model"]
+SETS = ("random_code", "limiting_chain", "reconstruction")  # the report's FD keys (plus limiting_chain@L)
 
 
 def _reference_split(cfg: RunConfig) -> str:
@@ -130,12 +64,12 @@ def _data_batches(cfg: RunConfig, split: str, n: int, batch_size: int,
 
 
 class Sets:
-    """Generates the three sets chunk by chunk with one generator per set (reproducible under the seed)."""
+    """Generates the sets chunk by chunk with one generator per set (reproducible under the seed)."""
 
-    def __init__(self, model: TrainedModel, seed: int, chain_steps: int) -> None:
-        self.model, self.chain_steps = model, chain_steps
+    def __init__(self, model: TrainedModel, seed: int, chain_lengths: tuple[int, ...]) -> None:
+        self.model, self.chain_lengths = model, chain_lengths
         self.gens = {name: torch.Generator(device=model.device).manual_seed(seed * 1000 + i)
-                     for i, name in enumerate(SETS)}
+                     for i, name in enumerate((*SETS, "chain_output"))}
 
     @torch.no_grad()
     def random_code(self, num: int) -> Tensor:
@@ -143,14 +77,23 @@ class Sets:
         return sampling.random_code(m.decoder, m.prior, num, self.gens["random_code"], m.device)
 
     @torch.no_grad()
-    def limiting_chain(self, num: int, on_step: Callable[[int], None]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Chain images after `chain_steps` steps, and the encoder's codes of the final chain state."""
+    def limiting_chain(self, num: int, on_step: Callable[[int], None]) -> dict[int, tuple[Tensor, dict[str, Tensor]]]:
+        """One pass over `num` chains; after each length, the mode/mean image of one more step and its codes.
+
+        The last length draws its output step from the chain's generator (as a single length does); the
+        intermediate ones from their own, so they leave the chain's trajectory unchanged.
+        """
         m, gen = self.model, self.gens["limiting_chain"]
         x = sampling.init_chain("random_code", decoder=m.decoder, prior=m.prior, num=num, generator=gen,
                                 device=m.device, image_shape=m.cfg.model.image_shape)
-        x = sampling.run_chain(m.encoder, m.decoder, x, self.chain_steps, gen, on_step=on_step)
-        z, _ = m.encoder.sample(x, m.decoder, gen)
-        return sampling.output_image(m.decoder.x_dist(z)), z
+        outputs, done = {}, 0
+        for length in self.chain_lengths:
+            x = sampling.run_chain(m.encoder, m.decoder, x, length - done, gen, on_step=on_step)
+            done = length
+            z, _ = m.encoder.sample(x, m.decoder, gen if length == self.chain_lengths[-1]
+                                    else self.gens["chain_output"])
+            outputs[length] = (sampling.output_image(m.decoder.x_dist(z)), z)
+        return outputs
 
     @torch.no_grad()
     def reconstruction(self, x: Tensor) -> Tensor:
@@ -158,16 +101,19 @@ class Sets:
 
 
 class Accumulators:
-    """Feature statistics per (network, set), MI per factor, reconstruction error, t-SNE codes."""
+    """Feature statistics per (network, set), MI per factor, reconstruction error, t-SNE codes, diagnostics."""
 
-    def __init__(self, extractors: dict[str, FeatureExtractor], tsne_points: int) -> None:
+    def __init__(self, extractors: dict[str, FeatureExtractor], tsne_points: int, chain_lengths: tuple[int, ...],
+                 diagnostics: Diagnostics) -> None:
         self.extractors = extractors
-        self.stats = {(net, s): GaussianStats(e.dim) for net, e in extractors.items() for s in ("data", *SETS)}
+        self.sets = ("random_code", "reconstruction", *(chain_key(length) for length in chain_lengths))
+        self.stats = {(net, s): GaussianStats(e.dim) for net, e in extractors.items() for s in ("data", *self.sets)}
         self.mi: dict[str, list[tuple[Tensor, int]]] = {}
         self.recon = [0.0, 0]
         self.codes: dict[str, list[Tensor]] = {"prior": [], "posterior": [], "limiting": []}
         self.labels: dict[str, list[Tensor]] = {"prior": [], "posterior": [], "limiting": []}
         self.tsne_points = tsne_points
+        self.diagnostics = diagnostics
 
     @torch.no_grad()
     def embed(self, set_name: str, images: Tensor) -> None:
@@ -175,8 +121,8 @@ class Accumulators:
             self.stats[(net, set_name)].update(extractor(images.float()))
 
     def add_mi(self, player: str, dists: dict[str, Any], size: int) -> None:
-        for name, dist in dists.items():
-            mi = dist.mutual_information()
+        for name, factor in dists.items():
+            mi = factor.mutual_information()
             if mi is not None:
                 self.mi.setdefault(f"{player}/{name}", []).append((mi.cpu(), size))
 
@@ -215,7 +161,7 @@ def _classify(extractor: FeatureExtractor, images: Tensor) -> Tensor | None:
 def _data_pass(model: TrainedModel, acc: Accumulators, batches: Iterator[dict[str, Tensor]], sets: Sets,
                gen: torch.Generator, bar: tqdm) -> None:
     binary = model.cfg.data.binarize_threshold is not None
-    top = model.decoder.latent_names[0]
+    top, diag = model.decoder.latent_names[0], acc.diagnostics
     for batch in batches:
         x = batch["x"]
         acc.embed("data", x)
@@ -225,6 +171,10 @@ def _data_pass(model: TrainedModel, acc: Accumulators, batches: Iterator[dict[st
         acc.recon[1] += x[0].numel() * len(x)
         with torch.no_grad():
             z, dists = model.encoder.sample(x, model.decoder, gen)
+            diag.add_nll("encoder", "data", dists, z)  # its entropy on data: E_pi(x) E_q [-log q(z|x)]
+            diag.add_nll("decoder", "data", model.decoder.conditionals(z), {**z, "x": x})  # its training loss
+        diag.add_posterior("data", dists[top])
+        diag.add_codes("posterior_data", z[top])
         acc.add_mi("encoder", dists, len(x))
         acc.add_codes("posterior", z[top], batch["label"])
         bar.update(len(x))
@@ -232,17 +182,28 @@ def _data_pass(model: TrainedModel, acc: Accumulators, batches: Iterator[dict[st
 
 def _generated_pass(model: TrainedModel, acc: Accumulators, opts: EvalOptions, sets: Sets, gen: torch.Generator,
                     bar: tqdm) -> None:
-    top, classifier = model.decoder.latent_names[0], next(iter(acc.extractors.values()))
+    top, classifier, diag = model.decoder.latent_names[0], next(iter(acc.extractors.values())), acc.diagnostics
+    lengths = opts.chain_lengths
     for start in range(0, opts.n, opts.batch_size):
         num = min(opts.batch_size, opts.n - start)
         images = sets.random_code(num)
         acc.embed("random_code", images)
-        chain_images, codes = sets.limiting_chain(num, on_step=lambda _, k=num: bar.update(k))
-        acc.embed("limiting_chain", chain_images)
+        chains = sets.limiting_chain(num, on_step=lambda _, k=num: bar.update(k))
+        for length, (chain_images, codes) in chains.items():
+            acc.embed(chain_key(length), chain_images)
+            diag.add_codes(f"chain@{length}", codes[top])
+        chain_images, codes = chains[lengths[-1]]
         acc.add_codes("limiting", codes[top], _classify(classifier, chain_images))
         with torch.no_grad():
             z_top = model.prior.sample(num, gen, model.device)
-            z, _, dists = model.decoder.sample(z_top, gen)
+            z, x, dists = model.decoder.sample(z_top, gen)  # a dream: (z, x) ~ pi(z) p(x|z)
+            diag.add_nll("decoder", "dreams", dists, {**z, "x": x})  # its entropy on dreams
+            q_dists = model.encoder.conditionals(x, z, model.decoder)
+            diag.add_nll("encoder", "dreams", q_dists, z)  # the encoder's training loss
+            diag.add_posterior("dreams", q_dists[top])
+            diag.add_codes("prior", z_top)
+            diag.add_codes("prior_resampled", model.prior.sample(num, gen, model.device))  # FD's noise floor
+            diag.add_codes("posterior_dreams", model.encoder.sample(x, model.decoder, gen)[0][top])
         acc.add_mi("decoder", dists, num)
         acc.add_codes("prior", z_top, _classify(classifier, sampling.output_image(model.decoder.x_dist(z))))
         bar.update(2 * num)
@@ -281,44 +242,63 @@ def _tsne(acc: Accumulators, out_png: Path, seed: int) -> np.ndarray | None:
                        title="codes of the top latent: prior, posterior on data, limiting chain")
 
 
-def _fd_results(acc: Accumulators) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    fd = {net: {s: frechet_distance_stats(acc.stats[(net, "data")], acc.stats[(net, s)]) for s in SETS}
-          for net in acc.extractors}
-    gap = {net: values["limiting_chain"] - values["random_code"] for net, values in fd.items()}
-    return fd, gap
+def _fd_results(acc: Accumulators, lengths: tuple[int, ...]) -> dict[str, Any]:
+    """FD per network and set, and the gap (limiting chain minus random code). `limiting_chain` is the longest
+    chain; with several lengths, `limiting_chain@L` and `consistency_gap_by_length` hold every one."""
+    fd: dict[str, dict[str, float]] = {}
+    by_length: dict[str, dict[str, float]] = {}
+    for net in acc.extractors:
+        values = {s: frechet_distance_stats(acc.stats[(net, "data")], acc.stats[(net, s)]) for s in acc.sets}
+        chains = {length: values.pop(chain_key(length)) for length in lengths}
+        fd[net] = {"random_code": values["random_code"], "limiting_chain": chains[lengths[-1]],
+                   "reconstruction": values["reconstruction"]}
+        if len(lengths) > 1:
+            fd[net].update({chain_key(length): value for length, value in chains.items()})
+        by_length[net] = {str(length): value - values["random_code"] for length, value in chains.items()}
+    out: dict[str, Any] = {"fd": fd, "consistency_gap": {net: v["limiting_chain"] - v["random_code"]
+                                                          for net, v in fd.items()}}
+    if len(lengths) > 1:
+        out["consistency_gap_by_length"] = by_length
+    return out
 
 
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of `opts.run_dir`; writes <run_dir>/eval/ and eval/* scalars.
+    """Evaluate checkpoint `opts.step` (default: the latest) of `opts.run_dir`; writes
+    <run_dir>/eval/step_<step>/ (report.json, report.md, tsne.png), the same files to <run_dir>/eval/ (the most
+    recent evaluation, which `symeq compare` reads) and eval/* scalars at that step.
 
     Raises:
-        CheckpointError: the run has no checkpoint (nothing is written).
+        CheckpointError: the run has no checkpoint, or none of that step (nothing is written).
+        InputError: chain steps that are not integers >= 0.
         FileNotFoundError / ValueError: a missing or wrong classifier or Inception weights file (a missing default
             classifier is trained first unless `opts.train_features` is False).
     """
-    model = load_trained(opts.run_dir)
+    lengths = opts.chain_lengths
+    model = load_model(opts.run_dir, opts.step)
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
-    acc = Accumulators(extractors, opts.tsne_points)
-    sets, gen = Sets(model, opts.seed, opts.chain_steps), torch.Generator(device=model.device).manual_seed(opts.seed)
+    top = model.decoder.latent_names[0]
+    diagnostics = Diagnostics(top, model.decoder.top_family, math.prod(model.decoder.latent_shapes[top]))
+    acc = Accumulators(extractors, opts.tsne_points, lengths, diagnostics)
+    sets, gen = Sets(model, opts.seed, lengths), torch.Generator(device=model.device).manual_seed(opts.seed)
     ref_n = min(opts.n, load_manifest(model.cfg.data.shards)["splits"][ref_split]["num_samples"])
-    total = ref_n + opts.n * (opts.chain_steps + 2)
+    total = ref_n + opts.n * (lengths[-1] + 2)
     with tqdm(total=total, desc="eval", unit="img", disable=not opts.progress, dynamic_ncols=True) as bar:
         batches = _data_batches(model.cfg, ref_split, opts.n, opts.batch_size, model.device)
         _data_pass(model, acc, batches, sets, gen, bar)
         _generated_pass(model, acc, opts, sets, gen, bar)
-    fd, gap = _fd_results(acc)
-    out_dir = opts.run_dir / "eval"
+    out_dir = opts.run_dir / "eval" / f"step_{model.step:08d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     tsne_image = _tsne(acc, out_dir / "tsne.png", opts.seed)
     results = {
-        "run_dir": str(opts.run_dir), "step": model.step, "seed": opts.seed, "n": opts.n,
-        "chain_steps": opts.chain_steps, "game": model.cfg.game.kind, "model": model.cfg.model.kind,
+        "run_dir": str(opts.run_dir), "step": model.step, "ema_weights": model.ema, "seed": opts.seed, "n": opts.n,
+        "chain_steps": lengths[-1], "chain_lengths": list(lengths), "game": model.cfg.game.kind,
+        "model": model.cfg.model.kind,
         "reference": {"split": ref_split, "n": ref_n, "note": "held-out split" if ref_split ==
                       model.cfg.data.eval_split else "training split (held-out split has < 5,000 images)"},
-        "fd": fd, "consistency_gap": gap, "fid_skipped": fid_skipped,
+        **_fd_results(acc, lengths), "fid_skipped": fid_skipped,
         "fd_networks": {name: e.info() if hasattr(e, "info") else {} for name, e in extractors.items()},
-        "mi": acc.mi_table(),
+        "mi": acc.mi_table(), "diagnostics": diagnostics.table(),
         "reconstruction_error": {"metric": "pixel error rate (mode image)" if model.cfg.data.binarize_threshold
                                  is not None else "mean squared error (mean image)",
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
@@ -326,8 +306,20 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
     write_report(out_dir, results)
+    _mirror(out_dir, opts.run_dir / "eval")
     _log_tensorboard(opts.run_dir, results, tsne_image)
     return results
+
+
+def _mirror(step_dir: Path, eval_dir: Path) -> None:
+    """Copy a step's report files to <run_dir>/eval/ (each by atomic rename): the most recent evaluation."""
+    for name in ("report.json", "report.md", "tsne.png"):
+        source, tmp = step_dir / name, eval_dir / f".{name}.tmp"
+        if source.is_file():
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, eval_dir / name)
+        else:
+            (eval_dir / name).unlink(missing_ok=True)  # no stale figure of another step beside this report
 
 
 def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndarray | None) -> None:
@@ -337,6 +329,14 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
     step = results["step"]
     scalars = {f"eval/{net}/{s}": v for net, values in results["fd"].items() for s, v in values.items()}
     scalars.update({f"eval/{net}/gap": v for net, v in results["consistency_gap"].items()})
+    by_length = results.get("consistency_gap_by_length", {})
+    scalars.update({f"eval/{net}/gap@{length}": v for net, gaps in by_length.items() for length, v in gaps.items()})
+    diagnostics = results["diagnostics"]
+    for player, factors in diagnostics["joint_nll"].items():
+        scalars.update({f"eval/nll/{player}/{name}_{where}": row[where] for name, row in factors.items()
+                        for where in ("data", "dreams", "gap") if where in row})
+    scalars.update({f"eval/codes/{name}/fd_to_prior": row["fd_to_prior"] for name, row in
+                    diagnostics["codes"].items() if isinstance(row, dict) and "fd_to_prior" in row})
     if results["probe"] is not None:
         scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
     scalars["eval/reconstruction_error"] = results["reconstruction_error"]["value"]
