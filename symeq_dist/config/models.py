@@ -125,9 +125,11 @@ class StageConfig:
     """Latent groups at this resolution, each `latent_channels` x resolution x resolution."""
     encoder_cells: int = 1
     """Residual cells of the bottom-up encoder at this resolution."""
+    decoder_cells: int = 1
+    """Residual cells of the decoder after each latent group here (depth without more latents)."""
 
     def __post_init__(self) -> None:
-        for name in ("resolution", "width", "encoder_cells"):
+        for name in ("resolution", "width", "encoder_cells", "decoder_cells"):
             check(getattr(self, name) >= 1, f"model.stages[].{name}", "must be >= 1")
         check(self.groups >= 0, "model.stages[].groups", "must be >= 0")
 

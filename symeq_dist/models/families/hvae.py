@@ -2,7 +2,7 @@
 
 Decoder (theta), top-down over stages of increasing resolution (config `model.stages`, low to high): a
 learned constant state h at the lowest resolution; per latent group l at resolution r: the prior
-p(z_l | z_<l) = head_l(h) (per-pixel Gaussian or Bernoulli, `latent_channels` x r x r), then
+p(z_l | z_<l) = head_l(h) (a bottleneck head; per-pixel Gaussian or Bernoulli, `latent_channels` x r x r), then
 h <- cell_l(h + proj_l(z_l)) (a residual bottleneck cell); between stages h is upsampled (nearest) and
 projected to the next width; finally p(x | z) = XHead(conv(h)). The first group is the top latent z0 ~ pi
 (no parameters; the prior may be implicit). Encoder (phi): a bottom-up residual network e(x) with features at
@@ -55,6 +55,21 @@ class Cell(nn.Module):
         return x + self.c4(F.gelu(self.c3(F.gelu(h))))
 
 
+class Head(nn.Module):
+    """Bottleneck map to a latent group's parameters: conv1x1(in -> middle), GELU, conv3x3 (1x1 below 3x3
+    maps), GELU, conv1x1(middle -> out): the prior p(z_l | h) and the posterior q(z_l | e, h) heads."""
+
+    def __init__(self, channels_in: int, middle: int, channels_out: int, resolution: int) -> None:
+        super().__init__()
+        k = 3 if resolution >= 3 else 1
+        self.net = nn.Sequential(nn.Conv2d(channels_in, middle, 1), nn.GELU(),
+                                 nn.Conv2d(middle, middle, k, padding=k // 2), nn.GELU(),
+                                 nn.Conv2d(middle, channels_out, 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, channels_in, r, r) -> (B, channels_out, r, r)
+        return self.net(x)
+
+
 def _run(cell: nn.Module, h: Tensor, use_checkpoint: bool) -> Tensor:
     """A cell, recomputed in the backward instead of storing its activations when `use_checkpoint`."""
     if use_checkpoint and torch.is_grad_enabled():
@@ -86,14 +101,15 @@ class HVAEDecoder(Decoder):
         self.latent_shapes = {f"z{i}": (cfg.latent_channels, r, r) for i, (_, r) in enumerate(groups)}
         self.top_family = cfg.latent
         per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
-        scale = 1.0 / math.sqrt(len(groups))
+        scale = 1.0 / math.sqrt(sum(cfg.stages[s].decoder_cells for s, _ in groups))
         first = cfg.stages[0]
         self.h_init = nn.Parameter(torch.zeros(1, first.width, first.resolution, first.resolution))
-        self.priors = nn.ModuleList(
-            nn.Conv2d(cfg.stages[s].width, per_latent, 1) if i else nn.Identity() for i, (s, _) in enumerate(groups))
+        middle = [max(1, int(stage.width * cfg.bottleneck)) for stage in cfg.stages]
+        self.priors = nn.ModuleList(Head(cfg.stages[s].width, middle[s], per_latent, r) if i else nn.Identity()
+                                    for i, (s, r) in enumerate(groups))
         self.projections = nn.ModuleList(nn.Conv2d(cfg.latent_channels, cfg.stages[s].width, 1) for s, _ in groups)
-        self.cells = nn.ModuleList(Cell(cfg.stages[s].width, max(1, int(cfg.stages[s].width * cfg.bottleneck)), r,
-                                        scale) for s, r in groups)
+        self.cells = nn.ModuleList(nn.Sequential(*(Cell(cfg.stages[s].width, middle[s], r, scale)
+                                                   for _ in range(cfg.stages[s].decoder_cells))) for s, r in groups)
         self.widen = nn.ModuleList(nn.Conv2d(a.width, b.width, 1) for a, b in itertools.pairwise(cfg.stages))
         last = cfg.stages[-1].width
         channels = cfg.image_shape[0]
@@ -127,7 +143,9 @@ class HVAEDecoder(Decoder):
             if batch is None:  # the top latent's batch sets the state's
                 batch = z[name].shape[0]
                 h = h.expand(batch, -1, -1, -1)
-            h = _run(self.cells[i], h + self.projections[i](z[name].to(h.dtype)), self.cfg.checkpoint_cells)
+            h = h + self.projections[i](z[name].to(h.dtype))
+            for cell in self.cells[i]:
+                h = _run(cell, h, self.cfg.checkpoint_cells)
         while stage < len(self.cfg.stages) - 1:
             res = self.cfg.stages[stage + 1].resolution
             h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
@@ -173,10 +191,8 @@ class HVAEEncoder(Encoder):
                           for _ in range(s.encoder_cells)) for s in stages)
         self.narrow = nn.ModuleList(nn.Conv2d(b.width, a.width, 1) for a, b in itertools.pairwise(stages))
         per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
-        self.posteriors = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(2 * stages[s].width, stages[s].width, 3 if r >= 3 else 1,
-                                    padding=1 if r >= 3 else 0),
-                          nn.GELU(), nn.Conv2d(stages[s].width, per_latent, 1)) for s, r in groups)
+        self.posteriors = nn.ModuleList(Head(2 * stages[s].width, max(1, int(stages[s].width * cfg.bottleneck)),
+                                             per_latent, r) for s, r in groups)
 
     def _features(self, x: Tensor) -> dict[int, Tensor]:
         """Resolution -> e_r(x) (B, width_r, r, r), from the full resolution down."""
