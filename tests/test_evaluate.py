@@ -17,11 +17,13 @@ from symeq_dist import api
 from symeq_dist.api import train as run_training
 from symeq_dist.cli import main
 from symeq_dist.config import load_config
+from symeq_dist.data import build_eval_batches, to_float
 from symeq_dist.datasets.digits_seg import write_digits_seg_shards
 from symeq_dist.errors import InputError
 from symeq_dist.eval.diagnostics import Diagnostics, parse_chain_lengths, spread
 from symeq_dist.eval.features.classifier import train_classifier
-from symeq_dist.eval.run import EvalOptions, evaluate, load_extractors
+from symeq_dist.eval.likelihood import bits_per_dim
+from symeq_dist.eval.run import EvalOptions, evaluate, load_extractors, load_model
 from symeq_dist.models.distributions import Bernoulli, Categorical, Gaussian
 from symeq_dist.runtime import checkpoint, dist
 from tests.conftest import tiny_overrides
@@ -69,6 +71,26 @@ def test_eval_report_is_complete_and_deterministic(runs: dict[str, Path], classi
     assert f"eval/{net}/limiting_chain" in acc.Tags()["scalars"] and "eval/tsne" in acc.Tags()["images"]
     second = evaluate(_opts(run_dir, classifier))
     assert second["fd"] == first["fd"] and second["probe"] == first["probe"] and second["mi"] == first["mi"]
+
+
+def test_eval_reports_bits_per_dim_of_the_held_out_split(runs: dict[str, Path], classifier: Path) -> None:
+    """bits/dim of at most n images of the eval split (eval/likelihood.py, checked against the exact log p(x) in
+    test_exact), in the report, its markdown, TensorBoard and `symeq compare`; the IW bound is the tighter one."""
+    run_dir = runs["elbo"]
+    report = evaluate(_opts(run_dir, classifier, n=60, iw_samples=4))["bits_per_dim"]
+    assert report["split"] == "valid" and report["num_images"] == 60 and report["num_samples"] == 4
+    assert report["discrete"] and 0 < report["iw_bpd"] <= report["elbo_bpd"] < 8
+    model = load_model(run_dir, None)
+    cfg = model.cfg
+    xs = torch.cat([to_float(b["image"], cfg.data) for b in build_eval_batches(cfg.data, split="valid",
+                                                                                batch_size=50)])[:60]
+    again = bits_per_dim(model.encoder, model.decoder, model.prior, [xs], num_samples=4,
+                         generator=torch.Generator().manual_seed(99))
+    assert again["elbo_bpd"] == pytest.approx(report["elbo_bpd"], rel=0.05)  # other draws of z: close, not equal
+    assert "## Bits per dimension" in (run_dir / "eval" / "report.md").read_text()
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {"eval/elbo_bpd", "eval/iw_bpd"} <= set(acc.Tags()["scalars"])
 
 
 def test_eval_of_a_step_with_several_chain_lengths(runs: dict[str, Path], classifier: Path) -> None:

@@ -24,6 +24,9 @@ def add_eval_parsers(sub: Any) -> None:
     ev.add_argument("--step", type=int, default=None,
                     help="evaluate the checkpoint of this training step (default: the latest); reports go to "
                          "RUN_DIR/eval/step_<N>/ and are copied to RUN_DIR/eval/")
+    ev.add_argument("--iw-samples", type=int, default=1, metavar="K",
+                    help="bits/dim on the held-out split: 1 (default) = negative ELBO; K > 1 also the importance-"
+                         "weighted bound with K encoder draws per image")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=500, help="images generated and embedded at once")
     ev.add_argument("--features", type=Path, default=None,
@@ -64,7 +67,7 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     lengths = parse_chain_lengths(args.chain_steps)
     opts = EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=lengths if len(lengths) > 1 else lengths[0],
-                       step=args.step, seed=args.seed,
+                       step=args.step, seed=args.seed, iw_samples=args.iw_samples,
                        batch_size=args.batch_size, features=args.features, train_features=not args.no_train_features,
                        feature_epochs=args.epochs, feature_threads=args.threads or None,
                        inception_weights=args.inception_weights, tsne_points=args.tsne_points)

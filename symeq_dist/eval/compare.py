@@ -80,6 +80,7 @@ def _comparison_rows(reports: list[dict[str, Any]]) -> list[list[str]]:
         rows.append([f"{net} gap (limiting − random)", *(num(r.get("consistency_gap", {}).get(net))
                                                           for r in reports)])
     rows.append(["probe accuracy", *(num((r.get("probe") or {}).get("accuracy")) for r in reports)])
+    rows.append(["bits/dim (negative ELBO)", *(num((r.get("bits_per_dim") or {}).get("elbo_bpd")) for r in reports)])
     rows.append(["reconstruction error", *(num((r.get("reconstruction_error") or {}).get("value"))
                                            for r in reports)])
     factors = dict.fromkeys((p, f) for r in reports for p, fs in r.get("mi", {}).items() for f in fs)

@@ -49,6 +49,8 @@ class EvalOptions:
     inception_weights: Path | None = None
     """pytorch-fid's Inception weights; default $TORCH_HOME/hub/checkpoints/<file> if it exists, else FID is skipped."""
     tsne_points: int = 2000
+    iw_samples: int = 1
+    """Bits/dim on the held-out split: 1 = the negative ELBO; K > 1 adds the importance-weighted bound (K draws)."""
     progress: bool = True
 
     @property

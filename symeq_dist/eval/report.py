@@ -158,6 +158,16 @@ def _md_scalars(results: dict[str, Any]) -> list[str]:
     recon = results.get("reconstruction_error")
     if recon:
         lines += ["## Reconstruction error", "", f"{recon.get('metric', 'error')}: {num(recon.get('value'))}", ""]
+    bpd = results.get("bits_per_dim")
+    if bpd and bpd.get("skipped"):
+        lines += ["## Bits per dimension", "", f"Skipped: {bpd['skipped']}.", ""]
+    elif bpd:
+        bound = (f"; importance-weighted bound (K = {bpd['num_samples']}) {num(bpd['iw_bpd'])}"
+                 if bpd.get("iw_bpd") is not None else "")
+        note = "" if bpd.get("discrete", True) else " (a Gaussian p(x|z) is a density: 8 bits per dimension added)"
+        lines += ["## Bits per dimension", "",
+                  f"Negative ELBO {num(bpd.get('elbo_bpd'))} bits/dim on {bpd.get('num_images')} images of the "
+                  f"`{bpd.get('split')}` split, the encoder as proposal{bound}{note}.", ""]
     probe = results.get("probe")
     if probe:
         lines += ["## Linear probe", "",
@@ -195,6 +205,8 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
          "mi": {"encoder": {factor: {"mean": float, "active": int, "dims": int}}, "decoder": {...}},
          "reconstruction_error": {"metric": str, "value": float},
          "probe": {"accuracy": float, "latent": str, "num_train": int, "num_test": int},
+         "bits_per_dim": {"elbo_bpd": float, "iw_bpd": float|None, "num_samples": int, "num_images": int,
+                          "split": str, "discrete": bool} | {"skipped": str, "split": str},
          "figures": {name: png_path_relative_to_out_dir}}
 
     Returns:

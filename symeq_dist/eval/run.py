@@ -33,6 +33,7 @@ from symeq_dist.eval.diagnostics import Diagnostics, chain_key
 from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
+from symeq_dist.eval.likelihood import bits_per_dim
 from symeq_dist.eval.model import TrainedModel
 from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors, load_model
 from symeq_dist.eval.probe import linear_probe_accuracy
@@ -209,6 +210,18 @@ def _generated_pass(model: TrainedModel, acc: Accumulators, opts: EvalOptions, s
         bar.update(2 * num)
 
 
+def _bits_per_dim(model: TrainedModel, opts: EvalOptions) -> dict[str, Any]:
+    """Bits/dim of at most n held-out images (eval_split) with the encoder as proposal; the reason when the prior
+    has no density (an implicit prior: only samples)."""
+    split = model.cfg.data.eval_split
+    if not hasattr(model.prior, "distribution"):
+        return {"skipped": "the prior has no density (implicit prior): bits/dim needs log pi(z)", "split": split}
+    gen = torch.Generator(device=model.device).manual_seed(opts.seed * 1000 + 99)
+    batches = (b["x"] for b in _data_batches(model.cfg, split, opts.n, opts.batch_size, model.device))
+    return {**bits_per_dim(model.encoder, model.decoder, model.prior, batches, num_samples=opts.iw_samples,
+                           generator=gen), "split": split}
+
+
 def _probe(model: TrainedModel, opts: EvalOptions, gen: torch.Generator) -> dict[str, Any]:
     """Linear probe of the labels on the encoder's codes (probabilities / means of every latent)."""
     cfg = model.cfg
@@ -303,6 +316,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                                  is not None else "mean squared error (mean image)",
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
         "probe": _probe(model, opts, torch.Generator(device=model.device).manual_seed(opts.seed)),
+        "bits_per_dim": _bits_per_dim(model, opts),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
     write_report(out_dir, results)
@@ -340,6 +354,8 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
     if results["probe"] is not None:
         scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
     scalars["eval/reconstruction_error"] = results["reconstruction_error"]["value"]
+    bpd = results["bits_per_dim"]
+    scalars.update({f"eval/{key}": bpd[key] for key in ("elbo_bpd", "iw_bpd") if bpd.get(key) is not None})
     for player, factors in results["mi"].items():
         for name, row in factors.items():
             scalars[f"eval/{player}/mi/{name}_mean"] = row["mean"]
