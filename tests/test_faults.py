@@ -114,8 +114,9 @@ def test_preemption_signal_checkpoints_and_the_rerun_finishes_like_an_uninterrup
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
 def test_launcher_forwards_a_real_signal(tmp_path: Path, mnist_shards: Path, signum: signal.Signals) -> None:
     """Every signal the launcher forwards is a preemption signal of the ranks (USR2 used to kill them)."""
+    # TensorBoard's files appear with the first logged step (monitor.log_every=5): then the ranks are training
     proc = launch(tmp_path / "run", mnist_shards, "train.steps=100000", "checkpoint.every=100000",
-                  "monitor.log_every=100000", "monitor.image_every=100000", background=True)
+                  "monitor.log_every=5", "monitor.image_every=100000", background=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "tb").is_dir() and time.monotonic() < deadline:
         time.sleep(0.2)
