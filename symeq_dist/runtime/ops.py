@@ -37,13 +37,9 @@ def shm_op_path() -> Path:
     return Path(_get_build_directory(SHM_OP, verbose=False)) / f"{SHM_OP}.so"
 
 
-def _on_cpu_accelerator() -> bool:
-    return os.environ.get("DS_ACCELERATOR") == "cpu"
-
-
 def announce_build() -> None:
-    """On the CPU accelerator: warn before DeepSpeed JIT-builds the op (silently, 30-50 s) on this start."""
-    if _on_cpu_accelerator() and not shm_op_path().is_file():
+    """Warn before DeepSpeed JIT-builds the op (silently, 30-50 s) on this start."""
+    if not shm_op_path().is_file():
         log.warning("building DeepSpeed's CPU communication op %s once, now (30-50 s; needs gcc and ninja) into "
                     "%s; later starts load it. `make setup` builds it ahead.", SHM_OP, shm_op_path().parent)
 
@@ -85,11 +81,12 @@ def clear_stale_lock(lock: Path, stale_after_s: float = STALE_AFTER_S, give_up_a
 
 def ensure_loaded() -> Path | None:
     """On the CPU accelerator: load (building if needed) the op into DeepSpeed's op cache, safe against the
-    stale-lock hang; a no-op elsewhere. Returns the op's path, or None when not on the CPU accelerator."""
-    if not _on_cpu_accelerator():
-        return None
+    stale-lock hang; a no-op elsewhere (DS_ACCELERATOR=cpu, or DeepSpeed's own choice where it is unset).
+    Returns the op's path, or None when not on the CPU accelerator."""
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        return None
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
         raise RuntimeError("this DeepSpeed accelerator has no shared-memory comm op to build")
