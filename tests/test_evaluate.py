@@ -23,7 +23,8 @@ from symeq_dist.errors import InputError
 from symeq_dist.eval.diagnostics import Diagnostics, parse_chain_lengths, spread
 from symeq_dist.eval.features.classifier import train_classifier
 from symeq_dist.eval.likelihood import bits_per_dim
-from symeq_dist.eval.run import EvalOptions, evaluate, load_extractors, load_model
+from symeq_dist.eval.model import load_trained
+from symeq_dist.eval.run import EvalOptions, evaluate, load_extractors
 from symeq_dist.models.distributions import Bernoulli, Categorical, Gaussian
 from symeq_dist.runtime import checkpoint, dist
 from tests.conftest import tiny_overrides
@@ -80,7 +81,7 @@ def test_eval_reports_bits_per_dim_of_the_held_out_split(runs: dict[str, Path], 
     report = evaluate(_opts(run_dir, classifier, n=60, iw_samples=4))["bits_per_dim"]
     assert report["split"] == "valid" and report["num_images"] == 60 and report["num_samples"] == 4
     assert report["discrete"] and 0 < report["iw_bpd"] <= report["elbo_bpd"] < 8
-    model = load_model(run_dir, None)
+    model = load_trained(run_dir)
     cfg = model.cfg
     xs = torch.cat([to_float(b["image"], cfg.data) for b in build_eval_batches(cfg.data, split="valid",
                                                                                 batch_size=50)])[:60]

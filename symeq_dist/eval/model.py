@@ -1,4 +1,4 @@
-"""A trained run as plain modules: its config, the latest checkpoint's weights, its prior. One process.
+"""A trained run as plain modules: its config, the weights of its latest (or a given) checkpoint, its prior.
 
 Used by `symeq eval` and `symeq sample` (through `symeq_dist.api`). Must not import `train`.
 """
@@ -35,19 +35,20 @@ class TrainedModel:
         return self.players.decoder
 
 
-def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool = True) -> TrainedModel:
-    """Players with the latest checkpoint's weights, in eval mode, on `device` (default: the accelerator when
-    there is one, else the CPU: `runtime.dist.local_device`); the averaged weights when the run keeps them and
-    `ema` (the default), else the trained ones.
+def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool = True,
+                 step: int | None = None) -> TrainedModel:
+    """Players with the weights of the latest checkpoint (or of checkpoint `step`), in eval mode, on `device`
+    (default: the accelerator when there is one, else the CPU: `runtime.dist.local_device`); the averaged weights
+    when the run keeps them and `ema` (the default), else the trained ones.
 
     Raises:
-        CheckpointError: the run has no checkpoint, or its files do not load.
+        CheckpointError: the run has no checkpoint (of that step), or its files do not load.
     """
     device = device or dist.local_device()
-    meta = checkpoint.load_meta(run_dir)
+    meta = checkpoint.load_meta(run_dir, step)
     cfg = config_from_dict(meta["config"])
     players = build_players(cfg.model)
-    step, used_ema = checkpoint.load_weights(run_dir, players.encoder, players.decoder, ema=ema)
+    step, used_ema = checkpoint.load_weights(run_dir, players.encoder, players.decoder, ema=ema, step=step)
     for _, module in players.items():
         module.to(device).eval()
     return TrainedModel(cfg=cfg, step=step, ema=used_ema, players=players,

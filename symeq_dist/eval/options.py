@@ -1,12 +1,11 @@
-"""What `symeq eval` is asked for and what it loads: the options, the players of a checkpoint (the latest or a
-given step) and the feature networks (the FD-clf network, trained on first use; Inception only from a file).
+"""What `symeq eval` is asked for and what it loads besides the players (`eval.model.load_trained`): the
+options and the feature networks (the FD-clf network, trained on first use; Inception only from a file).
 
 Must not import train, tensorboard or deepspeed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -14,14 +13,10 @@ from pathlib import Path
 
 import torch
 
-from symeq_dist.config import RunConfig, config_from_dict
+from symeq_dist.config import RunConfig
 from symeq_dist.eval.diagnostics import parse_chain_lengths
 from symeq_dist.eval.features import INCEPTION_FILE, FeatureExtractor, load_classifier_features, load_inception_features
 from symeq_dist.eval.features.classifier import describe_target, estimate_seconds, train_classifier
-from symeq_dist.eval.model import TrainedModel, load_trained
-from symeq_dist.models import build_players
-from symeq_dist.priors import build_prior
-from symeq_dist.runtime import checkpoint, dist
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +52,6 @@ class EvalOptions:
     def chain_lengths(self) -> tuple[int, ...]:
         """The chain lengths, sorted, without repeats."""
         return parse_chain_lengths(self.chain_steps)
-
-
-def load_model(run_dir: Path, step: int | None) -> TrainedModel:
-    """The players of checkpoint `step` (its weights.pt and the config in its meta.json), or of the latest one;
-    their averaged weights when the run keeps them (`train.ema_decay`), like `eval.model.load_trained`.
-
-    Raises:
-        CheckpointError: no complete checkpoint of that step (the message lists the ones there are).
-    """
-    if step is None:
-        return load_trained(run_dir)
-    target = checkpoint.step_dir(run_dir, step)
-    if not (target / "meta.json").is_file() or not (target / checkpoint.WEIGHTS_FILE).is_file():
-        steps = sorted(int(p.name[5:]) for p in checkpoint.ckpt_root(run_dir).glob("step_*")
-                       if (p / "meta.json").is_file())
-        raise checkpoint.CheckpointError(
-            f"{run_dir} has no complete checkpoint of step {step} (it has {steps or 'none'}); pass one of those to "
-            "--step, or train with a larger checkpoint.keep_last to keep more")
-    meta = json.loads((target / "meta.json").read_text())
-    cfg = config_from_dict(meta["config"])
-    players, device = build_players(cfg.model), dist.local_device()
-    weights = checkpoint.read_weights(target)
-    ema = "ema" in weights  # the averaged weights when the run keeps them, as for the latest checkpoint
-    for name, module in players.items():
-        module.load_state_dict((weights["ema"] if ema else weights)[name])
-        module.to(device).eval()
-    return TrainedModel(cfg=cfg, step=int(meta["step"]), ema=ema, players=players,
-                        prior=build_prior(cfg.prior, players.decoder), device=device)
 
 
 def _default_inception() -> Path | None:

@@ -34,13 +34,13 @@ from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
 from symeq_dist.eval.likelihood import bits_per_dim
-from symeq_dist.eval.model import TrainedModel
-from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors, load_model
+from symeq_dist.eval.model import TrainedModel, load_trained
+from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors
 from symeq_dist.eval.probe import linear_probe_accuracy
 from symeq_dist.eval.report import write_report
 from symeq_dist.game.mi import DEAD_MI
 
-__all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors", "load_model"]
+__all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors"]
 SETS = ("random_code", "limiting_chain", "reconstruction")  # the report's FD keys (plus limiting_chain@L)
 
 
@@ -287,7 +287,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             classifier is trained first unless `opts.train_features` is False).
     """
     lengths = opts.chain_lengths
-    model = load_model(opts.run_dir, opts.step)
+    model = load_trained(opts.run_dir, step=opts.step)
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
     top = model.decoder.latent_names[0]

@@ -337,13 +337,21 @@ def _load_universal(engine: Any, target: Path, name: str) -> None:
             group.update({key: value for key, value in old.items() if key != "params"})
 
 
-def load_meta(run_dir: str | Path) -> dict[str, Any]:
-    """meta.json of the latest checkpoint (step, world size, engines, resolved config)."""
-    target = latest_dir(run_dir)
-    if target is None:
-        raise CheckpointError(f"{ckpt_root(run_dir)} holds no checkpoint; train the run first "
-                              "(symeq train CONFIG run_dir=...)")
-    return _read_meta(target)
+def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
+    """The complete checkpoint of `step`, or the latest one when `step` is None; an error naming what exists."""
+    target = latest_dir(run_dir) if step is None else step_dir(run_dir, step)
+    if target is None or not (target / "meta.json").is_file():
+        steps = sorted(int(p.name[5:]) for p in ckpt_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
+        raise CheckpointError(
+            f"{ckpt_root(run_dir)} holds no checkpoint; train the run first (symeq train CONFIG run_dir=...)"
+            if target is None else f"{run_dir} has no complete checkpoint of step {step} (it has {steps or 'none'}); "
+            "pass one of those to --step, or train with a larger checkpoint.keep_last to keep more")
+    return target
+
+
+def load_meta(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """meta.json of the latest checkpoint, or of `step` (step, world size, engines, resolved config)."""
+    return _read_meta(checkpoint_dir(run_dir, step))
 
 
 def _read_meta(target: Path) -> dict[str, Any]:
@@ -353,9 +361,8 @@ def _read_meta(target: Path) -> dict[str, Any]:
         if not isinstance(meta, dict) or not {"step", "world_size", "engines", "config"} <= set(meta):
             raise ValueError("it lacks step, world_size, engines or config")
     except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a checkpoint's meta.json ({err}); point {target.parent / 'latest'} "
-                              f"at an older step_* directory ({_complete_steps(target.parent.parent, target)})") \
-            from None
+        raise CheckpointError(f"{path} is not a checkpoint's meta.json ({err}); point {target.parent / 'latest'} at an "
+                              f"older step_* directory ({_complete_steps(target.parent.parent, target)})") from None
     return meta
 
 
@@ -364,18 +371,18 @@ def read_weights(target: Path) -> dict[str, dict[str, torch.Tensor]]:
     return torch.load(Path(target) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
 
 
-def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module, *, ema: bool = True) -> tuple[int, bool]:
-    """Load the latest checkpoint's `weights.pt` into plain modules (no engines, no DeepSpeed files, no pickled
-    code: `weights_only=True`): the averaged weights when the run keeps them (`train.ema_decay`) and `ema`,
-    else the trained ones. Returns (step, whether the averages were loaded).
+def load_weights(run_dir: str | Path, encoder: nn.Module, decoder: nn.Module, *, ema: bool = True,
+                 step: int | None = None) -> tuple[int, bool]:
+    """Load `weights.pt` of the latest checkpoint (or of `step`) into plain modules (no engines, no DeepSpeed files,
+    no pickled code: `weights_only=True`): the averaged weights when the run keeps them (`train.ema_decay`) and
+    `ema`, else the trained ones. Returns (step, whether the averages were loaded).
 
     Raises:
         CheckpointError: no checkpoint, no `weights.pt` (written by an older symeq-dist), or a file that does
             not load or does not fit the modules; the message names the file and the fix.
     """
-    target = latest_dir(run_dir)
-    meta = load_meta(run_dir)
-    assert target is not None
+    target = checkpoint_dir(run_dir, step)
+    meta = _read_meta(target)
     path = target / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint was written by an older symeq-dist. Resume the run "
