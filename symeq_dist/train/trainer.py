@@ -24,9 +24,9 @@ Then, once per iteration on every rank (ZeRO-3 forwards are collective):
   9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
      raise Preempted (the CLI exits 75, the sbatch script requeues).
 Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary. The loss
-check runs per micro-batch, the gradient check once per engine on the norm accumulated over the micro-batches
-(at the boundary); a failed check discards the engine's accumulated gradients (any ZeRO stage) and
-rewinds its micro-step count, so the next iteration accumulates afresh.
+check runs per micro-batch, the gradient check once per engine at the boundary, on the root of the summed
+squared norms of its micro-batches' gradients; a failed check discards the engine's accumulated gradients
+(any ZeRO stage) and rewinds its micro-step count, so the next iteration accumulates afresh.
 """
 
 from __future__ import annotations

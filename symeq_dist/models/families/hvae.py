@@ -70,6 +70,11 @@ class Head(nn.Module):
         return self.net(x)
 
 
+def _middle(width: int, cfg: HVAEConfig) -> int:
+    """The bottleneck width of cells and heads at a stage of `width` channels (`model.bottleneck`)."""
+    return max(1, int(width * cfg.bottleneck))
+
+
 def _run(cell: nn.Module, h: Tensor, use_checkpoint: bool) -> Tensor:
     """A cell, recomputed in the backward instead of storing its activations when `use_checkpoint`."""
     if use_checkpoint and torch.is_grad_enabled():
@@ -104,7 +109,7 @@ class HVAEDecoder(Decoder):
         scale = 1.0 / math.sqrt(sum(cfg.stages[s].decoder_cells for s, _ in groups))
         first = cfg.stages[0]
         self.h_init = nn.Parameter(torch.zeros(1, first.width, first.resolution, first.resolution))
-        middle = [max(1, int(stage.width * cfg.bottleneck)) for stage in cfg.stages]
+        middle = [_middle(stage.width, cfg) for stage in cfg.stages]
         self.priors = nn.ModuleList(Head(cfg.stages[s].width, middle[s], per_latent, r) if i else nn.Identity()
                                     for i, (s, r) in enumerate(groups))
         self.projections = nn.ModuleList(nn.Conv2d(cfg.latent_channels, cfg.stages[s].width, 1) for s, _ in groups)
@@ -187,11 +192,11 @@ class HVAEEncoder(Encoder):
         scale = 1.0 / math.sqrt(sum(s.encoder_cells for s in stages))
         self.stem = nn.Conv2d(cfg.image_shape[0], stages[-1].width, 3, padding=1)
         self.blocks = nn.ModuleList(
-            nn.ModuleList(Cell(s.width, max(1, int(s.width * cfg.bottleneck)), s.resolution, scale)
+            nn.ModuleList(Cell(s.width, _middle(s.width, cfg), s.resolution, scale)
                           for _ in range(s.encoder_cells)) for s in stages)
         self.narrow = nn.ModuleList(nn.Conv2d(b.width, a.width, 1) for a, b in itertools.pairwise(stages))
         per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
-        self.posteriors = nn.ModuleList(Head(2 * stages[s].width, max(1, int(stages[s].width * cfg.bottleneck)),
+        self.posteriors = nn.ModuleList(Head(2 * stages[s].width, _middle(stages[s].width, cfg),
                                              per_latent, r) for s, r in groups)
 
     def _features(self, x: Tensor) -> dict[int, Tensor]:
