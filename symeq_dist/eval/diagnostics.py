@@ -37,7 +37,6 @@ from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
 
 HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)  # entropy of N(0, 1) in nats
 PRIOR_VARIANCE = {"gaussian": 1.0, "bernoulli": 0.25}  # per dimension: N(0, 1) and Bern(1/2)
-LIMITING = "limiting_chain"
 
 
 def parse_chain_lengths(value: int | str | Iterable[int]) -> tuple[int, ...]:
@@ -60,11 +59,6 @@ def parse_chain_lengths(value: int | str | Iterable[int]) -> tuple[int, ...]:
     if not lengths or min(lengths) < 0:
         raise InputError(f"chain steps must be one or more integers >= 0 (e.g. 0,10,100,1000); got {value!r}")
     return tuple(sorted(set(lengths)))
-
-
-def chain_key(length: int) -> str:
-    """The report key of the limiting chain after `length` steps: "limiting_chain@100"."""
-    return f"{LIMITING}@{length}"
 
 
 def spread(dist: Distribution) -> tuple[Tensor, Tensor] | None:

@@ -19,6 +19,11 @@ ACTIVE_MI = 0.01  # nats: a latent dimension with MI below this is inactive (col
 COMPARABILITY = "FD numbers are comparable only at equal feature network, reference set and n (METHOD §13.2)"
 
 
+def chain_key(length: int) -> str:
+    """The report key of the limiting chain after `length` steps: "limiting_chain@100"."""
+    return f"{LIMITING}@{length}"
+
+
 def chain_lengths(results: dict[str, Any]) -> list[int]:
     """The limiting-chain lengths an evaluation measured (reports older than chain lists have one)."""
     lengths = results.get("chain_lengths")
@@ -30,8 +35,8 @@ def chain_lengths(results: dict[str, Any]) -> list[int]:
 def chain_fd(results: dict[str, Any], network: str, length: int) -> float | None:
     """FD of the limiting chain after `length` steps in `network` features; None when not measured."""
     fd = results.get("fd", {}).get(network, {})
-    if f"{LIMITING}@{length}" in fd:
-        return fd[f"{LIMITING}@{length}"]
+    if chain_key(length) in fd:
+        return fd[chain_key(length)]
     lengths = chain_lengths(results)
     return fd.get(LIMITING) if lengths and length == lengths[-1] else None
 
@@ -92,8 +97,8 @@ def _md_fd(results: dict[str, Any]) -> list[str]:
     lengths = chain_lengths(results)
     by_length: dict[str, dict[str, float]] = results.get("consistency_gap_by_length", {})
     if networks:
-        names = [*FD_SETS, *(f"{LIMITING}@{length}" for length in lengths if any(
-            f"{LIMITING}@{length}" in fd[net] for net in networks))]
+        names = [*FD_SETS, *(chain_key(length) for length in lengths if any(
+            chain_key(length) in fd[net] for net in networks))]
         rows = [[name, *(num(fd[net].get(name)) for net in networks)] for name in names]
         rows.append(["**consistency gap** (limiting − random)", *(num(gap.get(net)) for net in networks)])
         if by_length:

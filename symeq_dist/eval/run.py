@@ -29,7 +29,7 @@ from tqdm import tqdm
 from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
-from symeq_dist.eval.diagnostics import Diagnostics, chain_key
+from symeq_dist.eval.diagnostics import Diagnostics
 from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
@@ -37,7 +37,7 @@ from symeq_dist.eval.likelihood import bits_per_dim
 from symeq_dist.eval.model import TrainedModel, load_trained
 from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors
 from symeq_dist.eval.probe import linear_probe_accuracy
-from symeq_dist.eval.report import write_report
+from symeq_dist.eval.report import chain_key, write_report
 from symeq_dist.game.mi import DEAD_MI
 
 __all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors"]
