@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from symeq_dist.eval.report import chain_fd
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"mnist": ("mnist", []),
             "fashion-mnist": ("fashion_mnist", ["model.x_dist=gaussian", "data.binarize_threshold=null",
@@ -129,7 +131,7 @@ def tables(runs: list[Run], args: argparse.Namespace, timings: dict[str, Any]) -
             r = _report(args.out / "runs" / run.name, step)
             net = next(iter(r["fd"]))
             fd = r["fd"][net]
-            chain = [fd.get(f"limiting_chain@{k}", fd["limiting_chain"] if k == lengths[-1] else None) for k in lengths]
+            chain = [chain_fd(r, net, k) for k in lengths]
             fd_rows.append(f"| {run.dataset} | {run.latent} | {run.game} | {step} | {fd['random_code']:.1f} | "
                            + " | ".join(_cell(c) for c in chain) + f" | {chain[-1] - fd['random_code']:.1f} | "
                            f"{fd['reconstruction']:.1f} |")
