@@ -22,11 +22,12 @@ import torch
 
 from symeq_dist import sampling
 from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config, parse_overrides
-from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, to_float
+from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, pixel_marginal, to_float
 from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.model import load_trained
 from symeq_dist.game import build_game
 from symeq_dist.models import build_players
+from symeq_dist.models.layers import set_x_offset
 from symeq_dist.priors import build_prior
 from symeq_dist.runtime import checkpoint, dist
 from symeq_dist.runtime.engines import build_engines
@@ -144,6 +145,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
                           "it (`symeq resume RUN_DIR`) or choose another run_dir (nothing is overwritten)")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     players = build_players(cfg.model)
+    if cfg.model.x_offset == "data_marginal" and not cfg.resume:  # a resumed run loads it with the weights
+        set_x_offset(players.decoder, pixel_marginal(cfg.data))
     prior = build_prior(cfg.prior, players.decoder)
     game = build_game(cfg.game, players, prior)
     for name, module in players.items():  # counted before ZeRO-3 partitions the parameters

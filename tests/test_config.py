@@ -42,10 +42,12 @@ def test_dotted_overrides_take_precedence() -> None:
     ("data.noise_level=0.9", "data.noise_level: a flip probability must be <= 0.5"),
     ("engines.encoder.zero_stage=4", "engines.encoder.zero_stage: must be 0, 1, 2, 3 or null"),
     ("train", "expected key=value"),
+    ("model.x_offset=data_marginal model.x_dist=gaussian", "model.x_offset: data_marginal is the logit of a binary"),
+    ("model.init_gain=1", "model.init_gain: unknown key for model.kind=mlp"),
 ])
 def test_typos_and_bad_values_name_the_key(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs" / "debug_cpu.yaml", [override])
+        load_config(ROOT / "configs" / "debug_cpu.yaml", override.split(" "))
     assert expected in str(err.value)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributions as td
 from torch import Tensor, nn
 
-from symeq_dist.config import ModelConfig, model_config
+from symeq_dist.config import ConfigError, ModelConfig, model_config
 from symeq_dist.models import (
     Bernoulli,
     Categorical,
@@ -25,6 +25,7 @@ from symeq_dist.models.families.ladder28 import LadderEncoder
 from symeq_dist.models.families.mlp_vae import MLPDecoder, MLPEncoder
 from symeq_dist.models.families.ref28 import Reference28Decoder as HierarchicalDecoder
 from symeq_dist.models.families.reverse28 import ReverseEncoder
+from symeq_dist.models.layers import set_x_offset
 
 B = 4
 
@@ -61,6 +62,40 @@ def test_reference_parameter_count_parts() -> None:
     assert num_params(decoder.image_net) == 375_457
     assert isinstance(reverse, ReverseEncoder)
     assert (num_params(reverse.z1_net), num_params(reverse.z0_net)) == (1_460_156, 802_830)
+
+
+@pytest.mark.parametrize("kind", ["ladder", "reverse"])
+def test_init_gain_scales_weights_not_biases(kind: str) -> None:
+    torch.manual_seed(0)
+    base = build_players(model_config(kind=kind, num_z0=4, num_z1=8, trunk_width=16, mlp_width=16))
+    torch.manual_seed(0)
+    scaled = build_players(model_config(kind=kind, num_z0=4, num_z1=8, trunk_width=16, mlp_width=16, init_gain=3.0))
+    for (_, a), (_, b) in zip(base.items(), scaled.items(), strict=True):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.allclose(q, p * (3.0 if p.dim() >= 2 else 1.0)), name
+
+
+def test_x_offset_makes_a_z_blind_decoder_the_pixel_marginal() -> None:
+    """model.x_offset=data_marginal: with every image-net weight at 0, p(x|z) is the given marginal for any z."""
+    cfg = model_config(kind="ladder", num_z0=4, num_z1=8, trunk_width=16, mlp_width=16, x_offset="data_marginal")
+    _, decoder = build_players(cfg)
+    marginal = torch.rand(1, 28, 28) * 0.98 + 0.01
+    set_x_offset(decoder, marginal)
+    with torch.no_grad():
+        for p in decoder.image_net.parameters():
+            p.zero_()
+    z = {"z0": torch.ones(2, 4), "z1": torch.bernoulli(torch.full((2, 8), 0.5))}
+    probs = torch.sigmoid(decoder.x_dist(z).logits)
+    assert torch.allclose(probs, marginal.expand(2, 1, 28, 28), atol=1e-6)
+    assert "x_head.offset" in decoder.state_dict()  # checkpointed with the weights
+    _, plain = build_players(model_config(kind="ladder", num_z0=4, num_z1=8, trunk_width=16, mlp_width=16))
+    assert not any("offset" in k for k in plain.state_dict())  # off by default: state dicts unchanged
+    with pytest.raises(ConfigError, match=r"model\.init_gain: must be > 0"):
+        model_config(kind="ladder", init_gain=0.0)
+    with pytest.raises(ValueError, match=r"model\.x_offset=data_marginal"):
+        set_x_offset(plain, marginal)
+    with pytest.raises(ValueError, match=r"marginal of shape \(28, 28\)"):
+        set_x_offset(decoder, marginal[0])
 
 
 def test_g_theta_owned_by_decoder_only() -> None:

@@ -23,7 +23,8 @@ from symeq_dist.api import SampleRequest, build_trainer, sample
 from symeq_dist.api import train as run_training
 from symeq_dist.cli import main
 from symeq_dist.config import ConfigError, load_config
-from symeq_dist.data import DataError
+from symeq_dist.data import DataError, build_eval_batches, pixel_marginal
+from symeq_dist.eval.model import load_trained
 from symeq_dist.models import build_players
 from symeq_dist.priors import build_prior
 from symeq_dist.runtime import checkpoint, dist
@@ -184,6 +185,23 @@ def test_hierarchical_ladder_trains_and_samples(tmp_path: Path, mnist_shards: Pa
     assert {"train/encoder/mi/z0_mean", "train/encoder/mi/z1_mean", "train/decoder/mi/z1_mean"} <= set(tags)
     out = sample(SampleRequest(run_dir=tmp_path / "ladder", mode="limiting", steps=5, num=4, out=tmp_path / "g.png"))
     assert out.path.is_file()
+
+
+def test_x_offset_is_measured_from_the_shards_and_kept_across_resume(tmp_path: Path, mnist_shards: Path) -> None:
+    """model.x_offset=data_marginal: set from the training split's binarised pixels at start, loaded (not
+    re-measured) on resume, and in the weights `symeq eval` loads."""
+    extra = ("model.kind=ladder", "model.num_z0=6", "model.num_z1=10", "model.trunk_width=16", "model.mlp_width=16",
+             "model.x_offset=data_marginal", "data.binarize_threshold=112")
+    _train(tmp_path, mnist_shards, "run", *extra, "train.steps=3")
+    _train(tmp_path, mnist_shards, "run", *extra, "train.steps=6", "resume=true")
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", mnist_shards, *extra))
+    marginal = pixel_marginal(cfg.data)
+    images = torch.cat([b["image"] for b in build_eval_batches(cfg.data, split="train", batch_size=1000)])
+    assert torch.allclose(marginal, (((images >= 112).double().sum(0) + 1) / (len(images) + 2)).float(), atol=1e-6)
+    assert marginal[0, 0, 0] < 0.01 < 0.3 < marginal[0, 14, 14]  # an empty corner, a stroke-heavy centre
+    trained = load_trained(tmp_path / "run", ema=False)
+    assert trained.step == 6
+    assert torch.allclose(trained.decoder.x_head.offset, torch.logit(marginal), atol=1e-5)
 
 
 def test_nonfinite_policy(tmp_path: Path, mnist_shards: Path) -> None:

@@ -24,9 +24,17 @@ class ImageModelConfig:
     """p(x|z): Bernoulli logits (binarised data) or Gaussian mean with a learned log sigma."""
     sigma: Literal["global", "per_dim"] = "global"
     """Gaussian x only: one learned log sigma, or one per pixel."""
+    x_offset: Literal["none", "data_marginal"] = "none"
+    """Bernoulli x only: data_marginal adds a fixed per-pixel offset, the logit of the training split's
+    binarised pixel marginal (measured from the shards when a run starts, stored in checkpoints), to the
+    decoder's pixel logits, so that a decoder that ignores z already matches the data's marginal. A
+    parametrisation of p(x|z), not a change of the game (docs/consistency.md, the ladder's plateau)."""
 
     def __post_init__(self) -> None:
         check(all(s > 0 for s in self.image_shape), "model.image_shape", "must be three positive ints")
+        check(self.x_offset == "none" or self.x_dist == "bernoulli", "model.x_offset",
+              f"data_marginal is the logit of a binary pixel's marginal, for x_dist=bernoulli (got "
+              f"{self.x_dist}); set model.x_offset=none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,11 +67,15 @@ class Reference28Config(ImageModelConfig):
     """Encoder conv-trunk output width M (600 MNIST, 1000 Fashion-MNIST)."""
     mlp_width: int = 600
     """Width of the fully connected nets (g_theta, heads)."""
+    init_gain: float = 1.0
+    """Multiplies every weight matrix and kernel of both players after torch's default initialisation
+    (biases untouched); 1 = the reference code's init (docs/consistency.md, the ladder's plateau)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("num_z0", "num_z1", "trunk_width", "mlp_width"):
             check(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+        check(self.init_gain > 0, "model.init_gain", "must be > 0 (1 = torch's default initialisation)")
         check(self.image_shape == (1, 28, 28), "model.image_shape",
               f"the reference {self.kind} HVAE is built for (1, 28, 28) images; use model.kind=mlp")
 
@@ -111,6 +123,8 @@ class BilinearConfig(ImageModelConfig):
         check(self.init_scale >= 0, "model.init_scale", "must be >= 0 (0 starts at the collapsed point W = V = 0)")
         check(self.x_dist == "bernoulli", "model.x_dist", "the bilinear pair has Bernoulli x; use kind=mlp for "
               "Gaussian x")
+        check(self.x_offset == "none", "model.x_offset", "the bilinear pair has no image net to offset; set "
+              "model.x_offset=none")
 
 
 @dataclass(frozen=True, kw_only=True)

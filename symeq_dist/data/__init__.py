@@ -17,11 +17,13 @@ from symeq_dist.data.schema import BadSample, Sample, Schema
 from symeq_dist.data.verify import VerifyReport, verify_shards
 
 _LAZY = {"Batch": "stream", "DataError": "stream", "TrainStream": "stream", "build_eval_batches": "stream",
-         "build_train_stream": "stream", "add_noise": "transforms", "to_float": "transforms"}
+         "build_train_stream": "stream", "pixel_marginal": "stream", "add_noise": "transforms",
+         "to_float": "transforms"}
 
 __all__ = [
     "MANIFEST_NAME", "BadSample", "Batch", "DataError", "Sample", "Schema", "TrainStream", "VerifyReport",
-    "add_noise", "build_eval_batches", "build_train_stream", "load_manifest", "to_float", "verify_shards",
+    "add_noise", "build_eval_batches", "build_train_stream", "load_manifest", "pixel_marginal", "to_float",
+    "verify_shards",
 ]
 
 

@@ -38,6 +38,7 @@ from symeq_dist.config import DataConfig
 from symeq_dist.data.manifest import load_manifest, samples_per_member, split_entries
 from symeq_dist.data.schema import BadSample, Schema
 from symeq_dist.data.tario import Decoded, ShardReader
+from symeq_dist.data.transforms import to_float
 from symeq_dist.errors import InputError
 
 if TYPE_CHECKING:
@@ -358,3 +359,20 @@ def build_eval_batches(cfg: DataConfig, *, split: str, batch_size: int) -> Itera
     shards_dir = Path(cfg.shards)
     return iter_eval_batches(shards_dir, load_manifest(shards_dir), split=split, batch_size=batch_size,
                              skip_bad=cfg.bad_samples == "skip")
+
+
+def pixel_marginal(cfg: DataConfig, max_samples: int = 10000) -> torch.Tensor:
+    """Each pixel's probability of 1 over the first `max_samples` images of the training split, binarised as
+    training sees them (before noise); (C, H, W) float32, Laplace-smoothed so no pixel is exactly 0 or 1."""
+    if cfg.binarize_threshold is None:
+        raise ValueError("a pixel marginal needs binarised data (data.binarize_threshold)")
+    total, count = None, 0
+    for batch in build_eval_batches(cfg, split=cfg.split, batch_size=500):
+        x = to_float(batch["image"][: max_samples - count], cfg).double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += len(x)
+        if count >= max_samples:
+            break
+    if total is None:
+        raise ValueError(f"split {cfg.split!r} of {cfg.shards} holds no image")
+    return ((total + 1) / (count + 2)).float()

@@ -128,20 +128,42 @@ class XHead(nn.Module):
     """
 
     def __init__(self, family: str, sigma_shape: tuple[int, ...] = (), *, channels: int = 1,
-                 num_mixtures: int = 10) -> None:
+                 num_mixtures: int = 10, offset_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if family not in ("bernoulli", "gaussian", "logistic_mixture"):
             raise ValueError(f"x_dist must be 'bernoulli', 'gaussian' or 'logistic_mixture', got {family!r}")
+        if offset_shape is not None and family != "bernoulli":
+            raise ValueError(f"a pixel-logit offset needs Bernoulli x, got {family!r}")
         self.family, self.channels, self.num_mixtures = family, channels, num_mixtures
         self.log_sigma = nn.Parameter(torch.zeros(sigma_shape or (1,))) if family == "gaussian" else None
+        self.offset: Tensor | None  # model.x_offset: a fixed logit per pixel, set by `set_x_offset`, checkpointed
+        self.register_buffer("offset", None if offset_shape is None else torch.zeros(offset_shape))
 
     def forward(self, out: Tensor) -> PackedDistribution:  # out (B, x_head_channels, H, W)
         """Returns the distribution packed (see `pack`); callers `unpack` it."""
         if self.family == "logistic_mixture":
             return pack(DiscretizedLogisticMixture(out, self.channels, self.num_mixtures))
         if self.log_sigma is None:
-            return pack(Bernoulli(out))
+            return pack(Bernoulli(out if self.offset is None else out + self.offset))
         return pack(Gaussian(out, self.log_sigma.clone()))
+
+
+def x_offset_shape(cfg: Any) -> tuple[int, ...] | None:
+    """The XHead offset buffer's shape for a model config: its image shape under model.x_offset=data_marginal."""
+    return tuple(cfg.image_shape) if cfg.x_offset == "data_marginal" else None
+
+
+def set_x_offset(module: nn.Module, marginal: Tensor) -> None:
+    """model.x_offset=data_marginal: every XHead in `module` adds logit(marginal) (a pixel's probability of 1,
+    image-shaped) to its Bernoulli logits. Call before the engines are built."""
+    heads = [m for m in module.modules() if isinstance(m, XHead) and m.offset is not None]
+    if not heads:
+        raise ValueError("set_x_offset: no XHead with an offset (build the model with model.x_offset=data_marginal)")
+    for head in heads:
+        if tuple(marginal.shape) != tuple(head.offset.shape):
+            raise ValueError(f"pixel marginal of shape {tuple(marginal.shape)}, the model's images are "
+                             f"{tuple(head.offset.shape)}")
+        head.offset.copy_(torch.logit(marginal.to(head.offset)))
 
 
 def x_head_channels(family: str, channels: int, num_mixtures: int) -> int:

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from symeq_dist.config import HVAEConfig
 from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
-from symeq_dist.models.layers import XHead, draw, unpack, x_head_channels
+from symeq_dist.models.layers import XHead, draw, unpack, x_head_channels, x_offset_shape
 from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Posterior, Sample, TopDown, pick
 
 
@@ -120,7 +120,8 @@ class HVAEDecoder(Decoder):
         channels = cfg.image_shape[0]
         self.out = nn.Conv2d(last, x_head_channels(cfg.x_dist, channels, cfg.num_mixtures), 3, padding=1)
         sigma_shape = cfg.image_shape if cfg.sigma == "per_dim" else ()
-        self.x_head = XHead(cfg.x_dist, sigma_shape, channels=channels, num_mixtures=cfg.num_mixtures)
+        self.x_head = XHead(cfg.x_dist, sigma_shape, channels=channels, num_mixtures=cfg.num_mixtures,
+                            offset_shape=x_offset_shape(cfg))
         self._stage_of = [s for s, _ in groups]
 
     def _walk(self, z: Latents | None, posterior: Posterior | None, generator: torch.Generator | None,

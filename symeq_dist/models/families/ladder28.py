@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from symeq_dist.config import Ladder28Config
 from symeq_dist.models.distributions import Bernoulli, Distribution
-from symeq_dist.models.families.ref28 import Reference28Decoder, conv_trunk
+from symeq_dist.models.families.ref28 import Reference28Decoder, conv_trunk, scale_init
 from symeq_dist.models.layers import mlp
 from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Sample
 
@@ -71,4 +71,4 @@ class LadderEncoder(Encoder):
 
 
 def build_players(cfg: Ladder28Config) -> Players:
-    return Players(encoder=LadderEncoder(cfg), decoder=Reference28Decoder(cfg))
+    return scale_init(Players(encoder=LadderEncoder(cfg), decoder=Reference28Decoder(cfg)), cfg.init_gain)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from symeq_dist.config import MLPVAEConfig
 from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
-from symeq_dist.models.layers import XHead, draw, mlp, unpack
+from symeq_dist.models.layers import XHead, draw, mlp, unpack, x_offset_shape
 from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Sample
 
 
@@ -28,7 +28,7 @@ class MLPDecoder(Decoder):
         sizes = [cfg.num_latents, cfg.hidden, cfg.hidden, math.prod(cfg.image_shape)]
         self.net = nn.Sequential(mlp(sizes, nn.Tanh, final_activation=False), nn.Unflatten(1, cfg.image_shape))
         sigma_shape = cfg.image_shape if cfg.sigma == "per_dim" else ()
-        self.x_head = XHead(cfg.x_dist, sigma_shape)
+        self.x_head = XHead(cfg.x_dist, sigma_shape, offset_shape=x_offset_shape(cfg))
 
     def _x_dist(self, z: Latents) -> Distribution:
         return unpack(self.x_head(self.net(z["z"])))  # (B, num_latents) -> (B, C, H, W)

@@ -7,12 +7,24 @@ Pure torch: must not import `runtime`, deepspeed or any I/O.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from symeq_dist.config import Reference28Config
 from symeq_dist.models.distributions import Bernoulli, Distribution
-from symeq_dist.models.layers import SkipMLP, XHead, unpack
-from symeq_dist.models.players import Decoder, Latents
+from symeq_dist.models.layers import SkipMLP, XHead, unpack, x_offset_shape
+from symeq_dist.models.players import Decoder, Latents, Players
+
+
+def scale_init(players: Players, gain: float) -> Players:
+    """model.init_gain: multiply every weight matrix and kernel (not the biases) of both players by `gain`."""
+    if gain != 1.0:
+        with torch.no_grad():
+            for _, module in players.items():
+                for p in module.parameters():
+                    if p.dim() >= 2:
+                        p.mul_(gain)
+    return players
 
 
 def conv_trunk(width: int) -> nn.Sequential:
@@ -57,7 +69,8 @@ class Reference28Decoder(Decoder):
         self.top_family = "bernoulli"
         self.prior_net = SkipMLP([cfg.num_z0, cfg.mlp_width, cfg.mlp_width, cfg.num_z1], nn.Tanh)
         self.image_net = image_net(cfg.num_z1, nn.ReLU if cfg.x_dist == "gaussian" else nn.Tanh)
-        self.x_head = XHead(cfg.x_dist, cfg.image_shape if cfg.sigma == "per_dim" else ())
+        self.x_head = XHead(cfg.x_dist, cfg.image_shape if cfg.sigma == "per_dim" else (),
+                            offset_shape=x_offset_shape(cfg))
 
     def _latent_conditional(self, name: str, z: Latents) -> Distribution:
         return Bernoulli(self.prior_net(z["z0"]))  # name == "z1": (B, num_z0) -> (B, num_z1) logits

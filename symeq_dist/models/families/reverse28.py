@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from symeq_dist.config import Reverse28Config
 from symeq_dist.models.distributions import Bernoulli, Distribution
-from symeq_dist.models.families.ref28 import Reference28Decoder, conv_trunk
+from symeq_dist.models.families.ref28 import Reference28Decoder, conv_trunk, scale_init
 from symeq_dist.models.layers import SkipMLP, draw
 from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Sample
 
@@ -38,4 +38,4 @@ class ReverseEncoder(Encoder):
 
 
 def build_players(cfg: Reverse28Config) -> Players:
-    return Players(encoder=ReverseEncoder(cfg), decoder=Reference28Decoder(cfg))
+    return scale_init(Players(encoder=ReverseEncoder(cfg), decoder=Reference28Decoder(cfg)), cfg.init_gain)
