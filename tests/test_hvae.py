@@ -67,6 +67,32 @@ def test_every_group_detaches_across_players(fields: dict) -> None:
         assert dec.h_init.grad is not None  # theta gets gradients through the shared top-down states
 
 
+@pytest.mark.parametrize(("sigma_max", "clamp"), [(1.0, 5.0), (0.5, None), (None, 5.0)])
+def test_latent_heads_are_bounded(sigma_max: float | None, clamp: float | None) -> None:
+    """Every Gaussian head's sigma stays below model.sigma_max and |mu|, |log sigma| below model.soft_clamp, even
+    when the heads' last layers are blown up (the scale drift docs/hvae.md measured); null disables each."""
+    cfg = tiny(sigma_max=sigma_max, soft_clamp=clamp)
+    torch.manual_seed(0)
+    enc, dec = build_players(cfg)
+    with torch.no_grad():
+        for head in [*dec.priors[1:], *enc.posteriors]:
+            head.net[-1].weight.mul_(1e4)
+            head.net[-1].bias.fill_(50.0)
+        z, q = enc.sample(images(cfg), dec, gen(1))
+        dists = [*q.values(), *dec.conditionals(z).values()][:-1]  # every group of both players, not x
+    assert len(dists) == 2 * 5 - 1  # the top group's prior is pi, not a head
+    sigma = torch.cat([d.log_sigma.exp().flatten() for d in dists])
+    mu = torch.cat([d.mu.abs().flatten() for d in dists])
+    if sigma_max is not None:
+        assert sigma.max() <= sigma_max
+    if clamp is not None:
+        assert mu.max() <= clamp and sigma.min() >= math.exp(-clamp) * 0.99
+    if sigma_max is None:
+        assert sigma.max() > 100  # the soft clamp alone lets sigma reach ~e^5
+    if clamp is None:
+        assert mu.max() > 1e3
+
+
 def test_one_decoder_call_per_encoder_pass() -> None:
     cfg = tiny()
     enc, dec = build_players(cfg)

@@ -163,6 +163,17 @@ class HVAEConfig(ImageModelConfig):
     """Family of every latent group; the top group's prior is N(0, I) or uniform bits (prior.kind)."""
     latent_channels: int = 8
     """Channels of every latent group."""
+    soft_clamp: float | None = 5.0
+    """Gaussian latents: the mean and the log sigma of every head (prior and posterior) are soft-clamped to
+    c * tanh(raw / c), NVAE's soft_clamp5 (c = 5: |mu| < 5, sigma in [0.0067, 148]); null leaves them free.
+    Without it the alternating game can grow a group's codes without bound until gradients explode
+    (docs/hvae.md)."""
+    sigma_max: float | None = 1.0
+    """Gaussian latents: every head's sigma is kept below this by a smooth minimum (log sigma = m - softplus(m -
+    raw), m = log sigma_max; sigma 0.5 sigma_max at raw 0); null: no upper bound beyond soft_clamp. The scale of an
+    intermediate group is not identified (the next projection can undo any scale), and the alternating game
+    drifts along that freedom: measured, a group's sigma grew to the soft clamp's 148 and the encoder's gradient
+    exploded (docs/hvae.md). The bound anchors the scale."""
     stages: tuple[StageConfig, ...] = (StageConfig(resolution=1, width=64, groups=1),
                                        StageConfig(resolution=4, width=64, groups=2),
                                        StageConfig(resolution=8, width=64, groups=2),
@@ -187,6 +198,9 @@ class HVAEConfig(ImageModelConfig):
         check(self.latent_channels >= 1 and self.num_mixtures >= 1, "model.latent_channels",
               "latent_channels and num_mixtures must be >= 1")
         check(0 < self.bottleneck <= 1, "model.bottleneck", "must be in (0, 1]")
+        check(self.sigma_max is None or self.sigma_max > 0, "model.sigma_max", "must be > 0 or null")
+        check(self.soft_clamp is None or self.soft_clamp > 0, "model.soft_clamp",
+              "must be > 0 or null (unbounded)")
         check(self.x_dist != "logistic_mixture" or self.image_shape[0] in (1, 3), "model.x_dist",
               "the logistic mixture models grey (1) or RGB (3) images")
 

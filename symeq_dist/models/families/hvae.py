@@ -87,10 +87,17 @@ def _groups(cfg: HVAEConfig) -> list[tuple[int, int]]:
     return [(s, stage.resolution) for s, stage in enumerate(cfg.stages) for _ in range(stage.groups)]
 
 
-def _latent_dist(params: Tensor, family: str) -> Distribution:
-    """Per-pixel latent distribution from a head's output: (mu, log sigma) halves, or Bernoulli logits."""
-    if family == "gaussian":
+def _latent_dist(params: Tensor, cfg: HVAEConfig) -> Distribution:
+    """Per-pixel latent distribution from a head's output: (mu, log sigma) halves, both soft-clamped to
+    +-`model.soft_clamp`, sigma then smoothly below `model.sigma_max`; or Bernoulli logits."""
+    if cfg.latent == "gaussian":
         mu, log_sigma = params.chunk(2, dim=1)
+        c = cfg.soft_clamp
+        if c is not None:
+            mu, log_sigma = c * torch.tanh(mu / c), c * torch.tanh(log_sigma / c)
+        if cfg.sigma_max is not None:
+            top = math.log(cfg.sigma_max)
+            log_sigma = top - F.softplus(top - log_sigma)
         return Gaussian(mu, log_sigma)
     return Bernoulli(params)
 
@@ -140,7 +147,7 @@ class HVAEDecoder(Decoder):
                 res = self.cfg.stages[stage + 1].resolution
                 h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
                 stage += 1
-            p = _latent_dist(self.priors[i](h), self.top_family) if i else None
+            p = _latent_dist(self.priors[i](h), self.cfg) if i else None
             if p is not None:
                 priors[name] = p
             states[name] = h
@@ -217,7 +224,7 @@ class HVAEEncoder(Encoder):
         e = features[self._resolution[name]]
         head = self.posteriors[self.latent_names.index(name)]
         return _latent_dist(head(torch.cat([e, state.expand(e.shape[0], -1, -1, -1).to(e.dtype)], dim=1)),
-                            self.cfg.latent)
+                            self.cfg)
 
     def _sample(self, x: Tensor, decoder: Decoder, generator: torch.Generator | None = None,
                 reparam: bool = False) -> Sample:
