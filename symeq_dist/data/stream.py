@@ -365,7 +365,8 @@ def pixel_marginal(cfg: DataConfig, max_samples: int = 10000) -> torch.Tensor:
     """Each pixel's probability of 1 over the first `max_samples` images of the training split, binarised as
     training sees them (before noise); (C, H, W) float32, Laplace-smoothed so no pixel is exactly 0 or 1."""
     if cfg.binarize_threshold is None:
-        raise ValueError("a pixel marginal needs binarised data (data.binarize_threshold)")
+        raise ValueError("model.x_offset=data_marginal: a pixel marginal needs binarised data; set "
+                         "data.binarize_threshold (or model.x_offset=none)")
     total, count = None, 0
     for batch in build_eval_batches(cfg, split=cfg.split, batch_size=500):
         x = to_float(batch["image"][: max_samples - count], cfg).double()
