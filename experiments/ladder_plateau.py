@@ -38,7 +38,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper_seed1": ("paper's setting, seed 1 (init, data order, noise): how far one seed moves", ["seed=1"]),
     "lr1e-3": ("lr 1e-3 both players", ["engines.encoder.lr=1e-3", "engines.decoder.lr=1e-3"]),
     "enc_lr1e-3": ("encoder lr 1e-3, decoder 1e-4", ["engines.encoder.lr=1e-3"]),
-    "dec_lr1e-3": ("decoder lr 1e-3, encoder 1e-4", ["engines.decoder.lr=1e-3"]),
     "noise0.05": ("flip noise 0.05 (data.noise_level)", ["data.noise_level=0.05"]),
     "x_marginal": ("decoder's pixel logits offset by the data's per-pixel marginal (model.x_offset=data_marginal)",
                    ["model.x_offset=data_marginal"]),
