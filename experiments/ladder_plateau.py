@@ -134,7 +134,7 @@ def figure(names: list[str], args: argparse.Namespace, path: Path) -> None:
     axes[0].set_yscale("symlog", linthresh=1e-4)
     axes[1].set_yscale("symlog", linthresh=1e-5)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Reference ladder, batch 128, MNIST-5k, seed 0 ({args.steps} iterations)")
+    fig.suptitle(f"Reference ladder, batch 128, MNIST-5k, seed 0 unless named ({args.steps} iterations)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
