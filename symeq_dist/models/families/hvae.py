@@ -7,7 +7,9 @@ h <- cell_l(h + proj_l(z_l)) (a residual bottleneck cell); between stages h is u
 projected to the next width; finally p(x | z) = XHead(conv(h)). The first group is the top latent z0 ~ pi
 (no parameters; the prior may be implicit). Encoder (phi): a bottom-up residual network e(x) with features at
 every resolution, and per group a posterior head q(z_l | x, z_<l) = post_l(concat(e_r(x), h_l)), where h_l
-is the decoder's state where z_l enters (ladder sharing, METHOD §7.2 generalised).
+is the decoder's state where z_l enters (ladder sharing, METHOD §7.2 generalised). Every Gaussian head's
+mean and log sigma are soft-clamped and its sigma kept below `model.sigma_max` (why: docs/hvae.md, the scale
+drift).
 
 Detaching rule (tests/test_hvae.py checks it for every group): the encoder gets every h_l from ONE
 `decoder.top_down` call per pass. In the encoder step (teacher-forced on dreams, `conditionals`) that call
