@@ -48,7 +48,9 @@ def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool
     meta = checkpoint.load_meta(run_dir, step)
     cfg = config_from_dict(meta["config"])
     players = build_players(cfg.model)
-    step, used_ema = checkpoint.load_weights(run_dir, players.encoder, players.decoder, ema=ema, step=step)
+    # the weights of the step whose config was read: "latest" may move on while a run is still training
+    step, used_ema = checkpoint.load_weights(run_dir, players.encoder, players.decoder, ema=ema,
+                                             step=int(meta["step"]))
     for _, module in players.items():
         module.to(device).eval()
     return TrainedModel(cfg=cfg, step=step, ema=used_ema, players=players,
