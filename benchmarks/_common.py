@@ -8,6 +8,7 @@ before anything imports deepspeed. Not a benchmark itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -106,18 +107,26 @@ class PlainGame:
     batches sliced from an in-memory uint8 tensor, flip noise. At world size > 1 each rank takes its own
     micro batch (global batch / world) and each player's gradients are all-reduced by hand (one flattened
     tensor per player, averaged) before its Adam step.
+
+    `autocast` (a dtype) runs the forwards under torch.autocast; `channels_last` re-lays the conv weights and
+    batches out NHWC; `seed` sets the draws (the initial weights always come from cfg.seed).
     """
 
-    def __init__(self, cfg: RunConfig, images: torch.Tensor, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: RunConfig, images: torch.Tensor, *, rank: int = 0, world_size: int = 1,
+                 autocast: torch.dtype | None = None, channels_last: bool = False, seed: int = 1000) -> None:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.encoder, self.decoder = build_players(cfg.model)
+        self.autocast, self.channels_last = autocast, channels_last
+        if channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
         self.prior = build_prior(cfg.prior, self.decoder)
         self.opt_enc = torch.optim.Adam(self.encoder.parameters(), lr=cfg.engines.encoder.lr)
         self.opt_dec = torch.optim.Adam(self.decoder.parameters(), lr=cfg.engines.decoder.lr)
         self.data = to_float(images, cfg.data)
         self.world = world_size
         self.micro = cfg.micro_batch_size(world_size)
-        self.gen = torch.Generator().manual_seed(1000 + rank)
+        self.gen = torch.Generator().manual_seed(seed + rank)
         self.cursor = self.start = rank * self.micro
         self.flip = cfg.data.noise_level
 
@@ -133,28 +142,37 @@ class PlainGame:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def step(self) -> None:
+    def _forward(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration; returns the (decoder, encoder) losses, detached."""
         if self.cursor + self.micro > len(self.data):
             self.cursor = self.start
         x = self.data[self.cursor:self.cursor + self.micro]
         self.cursor += self.micro * self.world
         x = torch.where(torch.rand(x.shape, generator=self.gen) < self.flip, 1 - x, x)
-        with torch.no_grad():  # wake: complete the data with the encoder
-            z, _ = self.encoder.sample(x, self.decoder, self.gen)
-        dists = self.decoder.conditionals(z)
-        loss = -sum(d.log_prob({**z, "x": x}[k]).mean() for k, d in dists.items())
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._forward():
+            with torch.no_grad():  # wake: complete the data with the encoder
+                z, _ = self.encoder.sample(x, self.decoder, self.gen)
+            dists = self.decoder.conditionals(z)
+            loss_dec = -sum(d.log_prob({**z, "x": x}[k]).mean() for k, d in dists.items())
         self.opt_dec.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_dec.backward()
         self._reduce(self.decoder)
         self.opt_dec.step()
-        with torch.no_grad():  # dream from the updated decoder
-            z, x, _ = self.decoder.sample(self.prior.sample(self.micro, self.gen, x.device), self.gen)
-        dists = self.encoder.conditionals(x, z, self.decoder)
-        loss = -sum(d.log_prob(z[k]).mean() for k, d in dists.items())
+        with self._forward():
+            with torch.no_grad():  # dream from the updated decoder
+                z, x, _ = self.decoder.sample(self.prior.sample(self.micro, self.gen, x.device), self.gen)
+            dists = self.encoder.conditionals(x, z, self.decoder)
+            loss_enc = -sum(d.log_prob(z[k]).mean() for k, d in dists.items())
         self.opt_enc.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_enc.backward()
         self._reduce(self.encoder)
         self.opt_enc.step()
+        return loss_dec.detach(), loss_enc.detach()
 
 
 def run_rounds(contenders: dict[str, Callable[[int], object]], *, rounds: int, units: int | dict[str, int],

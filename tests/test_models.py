@@ -19,6 +19,7 @@ from symeq_dist.models import (
     Encoder,
     Gaussian,
     build_players,
+    layers,
 )
 from symeq_dist.models.distributions import HALF_LOG_2PI
 from symeq_dist.models.families.ladder28 import LadderEncoder
@@ -439,3 +440,23 @@ def test_reparam_sample_is_differentiable(name: str) -> None:
     with torch.no_grad():
         plain, _ = encoder.sample(_data(ARCHITECTURES[name]), decoder, gen(1))
     assert all(torch.equal(plain[k], z[k].detach()) for k in z)  # same draw, only the gradient path differs
+
+
+@pytest.mark.parametrize("kwargs", [{"stride": 2}, {"stride": 1}, {"stride": 2, "padding": 1, "output_padding": 1},
+                                    {"stride": 2, "bias": False}], ids=["s2", "s1", "s2-pad", "no-bias"])
+def test_conv_transpose_with_bias_after_equals_torch(kwargs: dict) -> None:
+    """layers.ConvTranspose2d (bias added after the op, for oneDNN's speed) = nn.ConvTranspose2d: values, gradients,
+    output_size, state-dict keys."""
+    torch.manual_seed(0)
+    ref = nn.ConvTranspose2d(6, 4, 3, **kwargs)
+    ours = layers.ConvTranspose2d(6, 4, 3, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    size = [2 * 5, 2 * 5] if kwargs.get("padding") else None
+    y_ref, y = ref(x, output_size=size), ours(x, output_size=size)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    grads = torch.autograd.grad(y, [x, *ours.parameters()], g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -232,6 +232,50 @@ def test_bf16_engines_train_and_sample(tmp_path: Path, mnist_shards: Path) -> No
     assert sample(req).path.is_file()
 
 
+LADDER_TINY = ("model.kind=ladder", "model.num_z0=6", "model.num_z1=10", "model.trunk_width=16", "model.mlp_width=16")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_autocast_with_channels_last_trains_close_to_fp32_and_resumes_bitwise(tmp_path: Path, mnist_shards: Path,
+                                                                                  stage: int) -> None:
+    """ds_config `torch_autocast` (fp32 weights, bf16 forwards) with train.channels_last: the conv forwards really
+    run in bf16 (on channels-last tensors at ZeRO-0, where the weights can be re-laid out), the first step's losses
+    (same init, same draws) stay within bf16's tolerance of fp32 but are not identical, and a run resumed at step
+    3 logs the uninterrupted run's losses."""
+    ds = json.loads((ROOT / "configs" / "ds_config_cpu_autocast.json").read_text())
+    ds["zero_optimization"]["stage"] = stage
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    fast = (*LADDER_TINY, f"engines.ds_config={tmp_path / 'ds.json'}", "train.channels_last=true")
+    _train(tmp_path, mnist_shards, "fp32", *LADDER_TINY, "train.steps=1")
+    _train(tmp_path, mnist_shards, "full", *fast)
+    _train(tmp_path, mnist_shards, "part", *fast, "train.steps=3")
+    _train(tmp_path, mnist_shards, "part", *fast, "resume=true")
+    for tag in ("train/decoder/loss", "train/encoder/loss"):
+        fp32, full, part = (_scalars(tmp_path / name, tag) for name in ("fp32", "full", "part"))
+        assert full[1] != fp32[1] and full[1] == pytest.approx(fp32[1], rel=0.02), tag
+        assert [part[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], tag
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "probe", mnist_shards, *fast))
+    trainer = build_trainer(cfg, dist.init())
+    seen: list[tuple[torch.dtype, bool]] = []
+    conv = next(m for m in trainer.players.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)
+                and m.stride[0] == 2)
+    conv.register_forward_hook(lambda m, args, out: seen.append(
+        (out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
+    trainer.train(until=1)
+    trainer.close()
+    assert seen and all(entry == (torch.bfloat16, stage == 0) for entry in seen), seen
+
+
+def test_ds_config_precision_sections_are_checked(tmp_path: Path, mnist_shards: Path) -> None:
+    ds = tmp_path / "ds.json"
+    for section, match in (({"bf16": {"enabled": True}, "torch_autocast": {"enabled": True}}, "choose one"),
+                           ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "use \"bfloat16\"")):
+        ds.write_text(json.dumps({**section, "gradient_clipping": 0.0}))
+        with pytest.raises(ConfigError, match=match):
+            _train(tmp_path, mnist_shards, "a", f"engines.ds_config={ds}")
+
+
 def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) -> None:
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 64, "gradient_clipping": 0.0}))

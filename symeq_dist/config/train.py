@@ -20,6 +20,10 @@ class TrainConfig:
     """Keep exponential moving averages of both players' weights with this decay per applied update (e.g.
     0.999), for `symeq sample` and `symeq eval` (which use them when present); 0 = off. Stored in every
     checkpoint's weights.pt; resumes exactly (runtime/ema.py: at ZeRO-3 each rank averages its partition)."""
+    channels_last: bool = False
+    """Keep both players' conv weights and the image batches in channels-last (NHWC) memory order, which oneDNN's
+    CPU convolutions and cuDNN's tensor-core kernels prefer; values are unchanged. Measured on the reference
+    ladder in docs/benchmarks.md (with bf16 autocast: faster; in fp32 alone: about even)."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "train.steps", "must be >= 0")

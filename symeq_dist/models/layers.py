@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
@@ -103,6 +104,20 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module], *, final_activation: 
         if final_activation or i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with the bias added after the transposed convolution instead of inside it: the same
+    parameters and values, but oneDNN's strided deconvolution with a bias runs 2x (fp32) to 14x (bf16) slower
+    than without (measured per op in docs/benchmarks.md, "The reference ladder's step"); the separate add costs
+    one elementwise pass."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                              2, self.dilation)
+        y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, output_padding, self.groups,
+                               self.dilation)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)  # autocast: stays bf16
 
 
 class SkipMLP(nn.Module):

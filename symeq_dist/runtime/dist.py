@@ -122,7 +122,7 @@ def _drop_group_defaults() -> None:
     do this (both import lazily, after `init`). None means the default group in both APIs.
     """
     for obj in gc.get_objects():
-        if not isinstance(obj, types.FunctionType):
+        if type(obj) is not types.FunctionType:  # not isinstance: it dereferences dead weak proxies (torch.compile's)
             continue
         if obj.__defaults__ and any(isinstance(d, tdist.ProcessGroup) for d in obj.__defaults__):
             obj.__defaults__ = tuple(None if isinstance(d, tdist.ProcessGroup) else d for d in obj.__defaults__)

@@ -10,6 +10,7 @@ Must not import game or data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -41,16 +42,26 @@ FORBIDDEN_KEYS = {
 
 @dataclass(frozen=True)
 class Engines:
-    """The engines by name ("encoder"/"decoder", or "joint") and the precision their modules compute in."""
+    """The engines by name ("encoder"/"decoder", or "joint"), the dtype of their weights and inputs (`bf16`
+    section: bfloat16) and the dtype their forwards autocast to (`torch_autocast` section; weights stay fp32)."""
 
     engines: dict[str, Any]
     dtype: torch.dtype
+    autocast: torch.dtype | None = None
 
     def items(self) -> Iterator[tuple[str, Any]]:
         return iter(self.engines.items())
 
     def __getitem__(self, name: str) -> Any:
         return self.engines[name]
+
+    def forward_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Where the players' forwards run (the game's losses and sampling; backward and step stay outside):
+        `torch.autocast` to the ds_config's torch_autocast dtype, or nothing. The game calls the modules'
+        methods, not `engine.forward`, so DeepSpeed's own autocast wrapper never runs; this is its equivalent."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -74,6 +85,19 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     for key, home in FORBIDDEN_KEYS.items():
         if key in base:
             raise ConfigError(f"{path}: '{key}' must not be set here; it has one home in the run config: {home}")
+    autocast = base.get("torch_autocast", {})
+    if not isinstance(autocast, dict):
+        raise ConfigError(f"{path}: 'torch_autocast' must be an object like {{\"enabled\": true, \"dtype\": "
+                          f"\"bfloat16\"}}, got {autocast!r}")
+    if autocast.get("enabled"):
+        if base.get("bf16", {}).get("enabled") or base.get("fp16", {}).get("enabled"):
+            raise ConfigError(f"{path}: 'torch_autocast' and 'bf16'/'fp16' are both enabled; choose one: bf16 keeps "
+                              "bf16 weights (fp32 master copy in the optimiser), torch_autocast keeps fp32 weights and "
+                              "runs the forwards in bf16")
+        if autocast.get("dtype", "bfloat16") not in ("bfloat16", "bf16", "torch.bfloat16"):
+            raise ConfigError(f"{path}: torch_autocast dtype {autocast.get('dtype')!r} is not supported; use "
+                              "\"bfloat16\" (float16 autocast needs a loss scaler that the trainer's skip logic "
+                              "does not drive)")
     if "gradient_clipping" not in base:
         raise ConfigError(f"{path}: set 'gradient_clipping' explicitly (0.0 = off, as in the paper); "
                          "DeepSpeed silently clips at 1.0 when the key is missing")
@@ -115,6 +139,7 @@ def build_engines(modules: dict[str, nn.Module], cfg: RunConfig, info: DistInfo)
     micro = cfg.micro_batch_size(info.world_size)
     ensure_loaded()  # before DeepSpeed loads it: never hangs on a lock a killed process left
     dtype = torch.bfloat16 if base.get("bf16", {}).get("enabled") else torch.float32
+    autocast = torch.bfloat16 if base.get("torch_autocast", {}).get("enabled") else None
     kw = {"micro_batch": micro, "grad_accumulation": cfg.train.grad_accumulation, "world_size": info.world_size}
     engines = {}
     for name, module in modules.items():
@@ -130,9 +155,30 @@ def build_engines(modules: dict[str, nn.Module], cfg: RunConfig, info: DistInfo)
         if info.world_size == 1 and zero_stage(engine) == 0:
             # A one-rank gradient all-reduce only flattens and copies (measured: ~6% of a small step).
             engine.enable_backward_allreduce = False
+        if cfg.train.channels_last:
+            _channels_last(name, engine)
         log.info("engine %s: ZeRO stage %d, micro batch %d x accumulation %d x world %d",
                  name, engine.zero_optimization_stage(), micro, cfg.train.grad_accumulation, info.world_size)
-    return Engines(engines=engines, dtype=dtype)
+    return Engines(engines=engines, dtype=dtype, autocast=autocast)
+
+
+def _channels_last(name: str, engine: Any) -> None:
+    """train.channels_last: the conv weights re-laid out NHWC in place (same Parameter objects, same values).
+    Only at ZeRO-0, and only after `deepspeed.initialize`: its start-up broadcast views every parameter as bytes
+    (fails on NHWC strides), and ZeRO 1-3 keep the parameters as views of flat buffers that a re-layout would cut
+    loose. There only the image batches are channels-last (the trainer converts them), which changes nothing for
+    inputs with one channel or 1x1 maps (the ladders'): a convolution follows its input's layout only when that
+    is unambiguous."""
+    if zero_stage(engine) != 0:
+        log.warning("engine %s: train.channels_last leaves its weights NCHW at ZeRO stage %d (flat parameter "
+                    "buffers); only image batches of several channels are channels-last", name, zero_stage(engine))
+        return
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            if param.dim() == 4:
+                # .to, not .contiguous: a 1x1 kernel counts as channels-last-contiguous in either layout, and only
+                # .to re-strides it the way the convolutions detect (as module.to(memory_format=...) does)
+                param.data = param.data.to(memory_format=torch.channels_last)
 
 
 def _group(module: nn.Module, eng: EngineConfig) -> dict[str, Any]:

@@ -124,7 +124,8 @@ class Trainer:
 
     def _next_x(self) -> Tensor:
         x0 = self._float(next(self.stream)["image"].to(self.info.device, non_blocking=True))
-        return add_noise(x0, self.cfg.data, self.gens["data"])
+        x = add_noise(x0, self.cfg.data, self.gens["data"])
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     def _agree_finite(self, loss: Tensor) -> bool:
         """All ranks agree whether every rank's loss is finite (one tiny all-reduce)."""
@@ -166,7 +167,8 @@ class Trainer:
 
     def _loss(self, name: str, rnd: Round) -> Terms:
         begin_micro_batch(self.engines[name])
-        terms = self.game.losses[name](rnd)
+        with self.engines.forward_context(self.info.device):
+            terms = self.game.losses[name](rnd)
         if self.faults.faults and name == next(iter(self.game.losses)):  # drills hit the step's first loss
             terms = replace(terms, loss=self.faults.first_loss(terms.loss, self.state.step + 1, self.info.rank))
         return terms
@@ -214,8 +216,9 @@ class Trainer:
                      ", ".join(f"{float(b) / 2**30:.2f} GiB" for b in peaks))
         every = self.cfg.sampling.chain_every
         if every and self.state.step % every == 0:
-            self.chain = sampling.chain_step(self.players.encoder, self.players.decoder, self.chain,
-                                             self.gens["chain"])
+            with self.engines.forward_context(self.info.device):  # kept in the engines' dtype, not autocast's
+                self.chain = sampling.chain_step(self.players.encoder, self.players.decoder, self.chain,
+                                                 self.gens["chain"]).to(self.engines.dtype)
 
     def _skip(self) -> None:
         self.state.skipped_steps += 1
@@ -259,10 +262,11 @@ class Trainer:
         """Grids of data, reconstructions, random-code samples and the persistent chain (collective)."""
         enc, dec, gen, step = self.players.encoder, self.players.decoder, self.gens["grid"], self.state.step
         data = self._float(self.eval_images.to(self.info.device))
-        grids = {"data": data,
-                 "reconstruction": sampling.reconstruct(enc, dec, data, gen),
-                 "random_code": sampling.random_code(dec, self.prior, len(data), gen, self.info.device),
-                 "limiting_chain": sampling.chain_output(enc, dec, self.chain, gen)}
+        with self.engines.forward_context(self.info.device):
+            grids = {"data": data,
+                     "reconstruction": sampling.reconstruct(enc, dec, data, gen),
+                     "random_code": sampling.random_code(dec, self.prior, len(data), gen, self.info.device),
+                     "limiting_chain": sampling.chain_output(enc, dec, self.chain, gen)}
         for name, images in grids.items():
             self.monitor.image(f"samples/{name}", images.float(), step, save_as=f"{name}_{step:08d}.png")
         for key, mi in self.mi.ema.items():

@@ -12,7 +12,7 @@ from torch import nn
 
 from symeq_dist.config import Reference28Config
 from symeq_dist.models.distributions import Bernoulli, Distribution
-from symeq_dist.models.layers import SkipMLP, XHead, unpack, x_offset_shape
+from symeq_dist.models.layers import ConvTranspose2d, SkipMLP, XHead, unpack, x_offset_shape
 from symeq_dist.models.players import Decoder, Latents, Players
 
 
@@ -45,12 +45,12 @@ def image_net(num_in: int, activation: type[nn.Module]) -> nn.Sequential:
     """Reference f_theta: (B, num_in) -> (B, 1, 28, 28), activation after every layer but the last."""
     return nn.Sequential(
         nn.Unflatten(1, (num_in, 1, 1)),
-        nn.ConvTranspose2d(num_in, 128, 4, 1), activation(),  # 4
-        nn.ConvTranspose2d(128, 64, 3, 2), activation(),  # 9
-        nn.ConvTranspose2d(64, 64, 3, 1), activation(),  # 11
-        nn.ConvTranspose2d(64, 64, 3, 1), activation(),  # 13
-        nn.ConvTranspose2d(64, 32, 3, 2), activation(),  # 27
-        nn.ConvTranspose2d(32, 32, 2, 1), activation(),  # 28
+        ConvTranspose2d(num_in, 128, 4, 1), activation(),  # 4
+        ConvTranspose2d(128, 64, 3, 2), activation(),  # 9
+        ConvTranspose2d(64, 64, 3, 1), activation(),  # 11
+        ConvTranspose2d(64, 64, 3, 1), activation(),  # 13
+        ConvTranspose2d(64, 32, 3, 2), activation(),  # 27
+        ConvTranspose2d(32, 32, 2, 1), activation(),  # 28
         nn.Conv2d(32, 1, 3, 1, padding=1),  # 28, no activation
     )
 
