@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from tests.conftest import ROOT, subprocess_env, tiny_overrides
 pytestmark = pytest.mark.dist
 
 
-def torchrun(nproc: int, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = subprocess_env()
+def torchrun(nproc: int, overrides: list[str], timeout: int = 300,
+             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**subprocess_env(), **(env_extra or {})}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("MASTER_PORT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "dist_worker.py"), *overrides]
@@ -55,6 +57,22 @@ def test_two_ranks_keep_identical_parameters(tmp_path: Path, mnist_shards: Path,
         assert torch.equal(value, live[f"decoder.{key}"].float()), key
     req = SampleRequest(run_dir=run_dir, mode="limiting", steps=3, num=4, out=tmp_path / "g.png")
     assert sample(req).path.is_file()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_host_syncs_are_one_per_engine_step_and_one_per_log(tmp_path: Path, mnist_shards: Path, nproc: int) -> None:
+    """The trainer's own host syncs (value reads a GPU would wait for): the finite-loss agreement before each
+    engine's step, which at world size 2 also carries the preemption flags, and the stacked scalar all-reduce of
+    each logging step; nothing else (no per-step preemption all-reduce, no `.item()` in monitors)."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, mnist_shards, "train.steps=14", "monitor.log_every=5",
+                               "monitor.image_every=1000", "checkpoint.every=1000")
+    torchrun(nproc, overrides, env_extra={"SYMEQ_TEST_COUNT_SYNCS": "3"})  # steps 4-14: logs at 5, 10 and 14
+    for rank in range(nproc):
+        ours = {k: v for k, v in json.loads((run_dir / f"syncs_rank{rank}.json").read_text()).items()
+                if k.startswith("symeq_dist/")}
+        assert sum(ours.values()) == 2 * 11 + 3, ours
+        assert sum(v for k, v in ours.items() if k.startswith("symeq_dist/train/trainer.py")) == 2 * 11, ours
 
 
 def test_two_ranks_resume_bitwise(tmp_path: Path, mnist_shards: Path) -> None:

@@ -47,16 +47,19 @@ class GradGuard:
             self._sq[name] = self._sq[name] + square if name in self._sq else square
         return add
 
-    def take(self, name: str) -> float:
-        """The local gradient norm of `name`'s backwards since the last take: the root of their summed squares."""
+    def take(self, name: str) -> Tensor:
+        """The local gradient norm of `name`'s backwards since the last take (the root of their summed squares),
+        as a 0-dim float32 tensor on the gradients' device: reading it is left to the caller (one host sync)."""
         square = self._sq.pop(name, None)
-        return 0.0 if square is None else float(square.sqrt())
+        return torch.zeros(()) if square is None else square.sqrt()
 
-    def is_bad(self, name: str, norm: float) -> bool:
-        count, mean = self.state[name]
-        if not torch.isfinite(torch.tensor(norm)):
-            return True
-        return count >= self.warmup and norm > self.factor * mean
+    def bad(self, names: list[str], norms: Tensor) -> Tensor:
+        """(len(names),) bool, on norms' device: a norm that is not finite, or, after the warm-up, above
+        factor x the running mean of `name`'s accepted norms."""
+        limits = [self.factor * mean if count >= self.warmup else float("inf")
+                  for count, mean in (self.state[name] for name in names)]
+        limit = torch.tensor(limits, dtype=torch.float64, device=norms.device)  # float64: as Python's comparison
+        return ~torch.isfinite(norms) | (norms.double() > limit)
 
     def accept(self, name: str, norm: float) -> None:
         count, mean = self.state[name]

@@ -80,6 +80,8 @@ class Trainer:
         self.faults = faults or FaultPlan()
         self.guard = self._grad_guard()
         self._memory_logged = False
+        self._watcher: PreemptWatcher | None = None  # set while train() runs
+        self._preempt_vote: bool | None = None  # preemption flags agreed so far in this iteration (world > 1)
         self.ema = EMA(engines, cfg.train.ema_decay, info) if cfg.train.ema_decay else None
 
     def _grad_guard(self) -> GradGuard | None:
@@ -128,11 +130,35 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     def _agree_finite(self, loss: Tensor) -> bool:
-        """All ranks agree whether every rank's loss is finite (one tiny all-reduce)."""
+        """All ranks agree whether every rank's loss is finite (one tiny all-reduce, one host sync). The same
+        all-reduce carries this rank's preemption flag, so the per-step preemption agreement needs no collective
+        of its own (`_agreed_preempt`)."""
         if self.info.world_size == 1:
             return bool(torch.isfinite(loss.detach()))
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        return all_reduce(bad, self.info, op="max").item() == 0
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                             torch.tensor(float(self._signalled()), device=loss.device)])
+        bad, preempt = all_reduce(flags, self.info, op="max").tolist()
+        self._preempt_vote = bool(preempt) or bool(self._preempt_vote)
+        return bad == 0
+
+    def _agree_grads(self, names: list[str]) -> tuple[bool, dict[str, float]]:
+        """The gradient guard at an accumulation boundary: this rank's gradient norms of `names` and whether any
+        rank's is non-finite or spiking, agreed on every rank (one all-reduce, one host sync for all of it)."""
+        norms = torch.stack([self.guard.take(name).to(self.info.device) for name in names])
+        bad = self.guard.bad(names, norms).any().float().reshape(1)
+        if self.info.world_size > 1:
+            bad = all_reduce(bad, self.info, op="max")
+        values = torch.cat([bad, norms]).tolist()
+        return values[0] > 0, dict(zip(names, values[1:], strict=True))
+
+    def _signalled(self) -> bool:
+        return self._watcher is not None and self._watcher.signalled is not None
+
+    def _agreed_preempt(self) -> bool:
+        """Whether any rank was signalled, agreed on every rank: read from this iteration's finite-loss agreements
+        when it had any (a signal that lands after them is seen one step later), else one all-reduce."""
+        vote, self._preempt_vote = self._preempt_vote, None
+        return vote if vote is not None else agree_any(self._signalled(), self.info)
 
     def _discard(self, names: list[str]) -> bool:
         """Throw away what `names` accumulated in this iteration, on every rank (the caller agreed to)."""
@@ -152,11 +178,13 @@ class Trainer:
                 self.engines[name].step()  # not the boundary: DeepSpeed only counts the micro-step
                 self._accumulate(f"train/{name}", terms.stats)
             return True
-        norms = {name: self.guard.take(name) for name in micro} if self.guard else {}
-        if self.guard and agree_any(any(self.guard.is_bad(n, v) for n, v in norms.items()), self.info):
-            log.warning("step %d: gradient norm spike or non-finite gradient on some rank (this rank: %s)",
-                        self.state.step + 1, {n: f"{v:.3g}" for n, v in norms.items()})
-            return self._discard(list(micro))
+        norms: dict[str, float] = {}
+        if self.guard:
+            bad, norms = self._agree_grads(list(micro))
+            if bad:
+                log.warning("step %d: gradient norm spike or non-finite gradient on some rank (this rank: %s)",
+                            self.state.step + 1, {n: f"{v:.3g}" for n, v in norms.items()})
+                return self._discard(list(micro))
         for name, terms in micro.items():
             self.engines[name].step()
             self._accumulate(f"train/{name}", terms.stats)
@@ -291,6 +319,7 @@ class Trainer:
                             initial=self.state.step, engines=list(self.game.losses))
         self._tick = time.perf_counter()
         with PreemptWatcher(cfg.fault.preempt_signals) as watcher, progress:
+            self._watcher = watcher
             while self.state.step < until:
                 self.faults.before_step(self.state.step + 1, self.info.rank)
                 self._iteration()
@@ -304,7 +333,7 @@ class Trainer:
                 saved = step % cfg.checkpoint.every == 0 or done
                 if saved:
                     self.save_checkpoint()
-                if agree_any(watcher.signalled is not None, self.info):  # every rank stops after this step
+                if self._agreed_preempt():  # every rank stops after this step
                     if not saved:
                         self.save_checkpoint()
                     if self.info.is_main:  # for the sbatch script, in case srun reports another task's code
