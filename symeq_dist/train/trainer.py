@@ -21,8 +21,11 @@ Then, once per iteration on every rank (ZeRO-3 forwards are collective):
   7. the persistent limiting chain advances one step                                          [chain RNG]
   8. every monitor.log_every: one stacked all-reduce of the interval means -> TensorBoard (rank 0);
      every monitor.image_every: image grids [grid RNG]; every checkpoint.every: a collective checkpoint.
-  9. ranks agree whether any got a preemption signal (fault.preempt_signals); if so, all checkpoint and
-     raise Preempted (the CLI exits 75, the sbatch script requeues).
+  9. ranks agree whether any got a preemption signal (fault.preempt_signals; the flags ride in the iteration's
+     finite-loss all-reduces, so a signal after the last of them counts at the next step); if so, all
+     checkpoint and raise Preempted (the CLI exits 75, the sbatch script requeues).
+Host syncs: one per engine per micro-batch (the finite-loss agreement), one per engine step with the spike
+guard on, one per logging interval (benchmarks/step_syncs.py counts them).
 Engines step on every micro-batch; DeepSpeed applies the update at its accumulation boundary. The loss
 check runs per micro-batch, the gradient check once per engine at the boundary, on the root of the summed
 squared norms of its micro-batches' gradients; a failed check discards the engine's accumulated gradients
