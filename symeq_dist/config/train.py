@@ -22,8 +22,8 @@ class TrainConfig:
     checkpoint's weights.pt; resumes exactly (runtime/ema.py: at ZeRO-3 each rank averages its partition)."""
     channels_last: bool = False
     """Keep both players' conv weights and the image batches in channels-last (NHWC) memory order, which oneDNN's
-    CPU convolutions and cuDNN's tensor-core kernels prefer; values are unchanged. Measured on the reference
-    ladder in docs/benchmarks.md (with bf16 autocast: faster; in fp32 alone: about even)."""
+    CPU convolutions and cuDNN's tensor-core kernels prefer; values are unchanged. Weights only at ZeRO-0
+    (runtime/engines.py says why). Measured with bf16 autocast in docs/benchmarks.md ("Training speed")."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "train.steps", "must be >= 0")

@@ -108,9 +108,9 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module], *, final_activation: 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d with the bias added after the transposed convolution instead of inside it: the same
-    parameters and values, but oneDNN's strided deconvolution with a bias runs 2x (fp32) to 14x (bf16) slower
-    than without (measured per op in docs/benchmarks.md, "The reference ladder's step"); the separate add costs
-    one elementwise pass."""
+    parameters and values, but oneDNN's strided deconvolution with a bias runs 1.5-2x (fp32) to 10-15x (bf16)
+    slower than without (per op: benchmarks/conv_ops.py, docs/benchmarks.md "Training speed against a plain fp32
+    loop"); the separate add costs one elementwise pass."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
