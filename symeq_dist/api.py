@@ -94,6 +94,21 @@ def check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
                           "train.steps, monitor.*, checkpoint.* and fault.* can. Start a new run_dir to change it.")
 
 
+def _init_from(cfg: RunConfig, players: Any) -> None:
+    """train.init_from: both players start from the trained (not averaged) weights of another run's latest
+    checkpoint; the model configs must match."""
+    source = Path(cfg.train.init_from)
+    stored = config_from_dict(checkpoint.load_meta(source)["config"]).to_dict()["model"]
+    old, new = _flatten(stored), _flatten(cfg.to_dict()["model"])
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        diff = "; ".join(f"model.{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in changed)
+        raise ConfigError(f"train.init_from={source}: its model differs from this run's ({diff}); set the same model "
+                          "keys (its config.yaml has them) or start from scratch")
+    step, _ = checkpoint.load_weights(source, players.encoder, players.decoder, ema=False)
+    log.info("players start from %s at its step %d (optimisers, data order and RNG start fresh)", source, step)
+
+
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for dotted, value in flat.items():
@@ -147,6 +162,8 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
     players = build_players(cfg.model)
     if cfg.model.x_offset == "data_marginal" and not cfg.resume:  # a resumed run loads it with the weights
         set_x_offset(players.decoder, pixel_marginal(cfg.data))
+    if cfg.train.init_from and not cfg.resume:
+        _init_from(cfg, players)
     prior = build_prior(cfg.prior, players.decoder)
     game = build_game(cfg.game, players, prior)
     for name, module in players.items():  # counted before ZeRO-3 partitions the parameters

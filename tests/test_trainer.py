@@ -276,6 +276,23 @@ def test_ds_config_precision_sections_are_checked(tmp_path: Path, mnist_shards: 
             _train(tmp_path, mnist_shards, "a", f"engines.ds_config={ds}")
 
 
+def test_init_from_starts_both_players_from_another_runs_weights(tmp_path: Path, mnist_shards: Path) -> None:
+    """An ELBO run's trained weights start a symmetric run (fresh step 0); another model is refused by name."""
+    _train(tmp_path, mnist_shards, "elbo", "game.kind=elbo", "train.steps=3")
+    source = checkpoint.read_weights(checkpoint.latest_dir(tmp_path / "elbo"))
+    cfg = load_config(None, tiny_overrides(tmp_path / "sym", mnist_shards, f"train.init_from={tmp_path / 'elbo'}"))
+    trainer = build_trainer(cfg, dist.init())
+    try:
+        assert trainer.state.step == 0
+        for name in ("encoder", "decoder"):
+            for key, value in trainer.engines[name].module.state_dict().items():
+                assert torch.equal(value, source[name][key]), f"{name}.{key}"
+    finally:
+        trainer.close()
+    with pytest.raises(ConfigError, match=r"model\.hidden: 32 there, 48 here"):
+        _train(tmp_path, mnist_shards, "other", f"train.init_from={tmp_path / 'elbo'}", "model.hidden=48")
+
+
 def test_ds_config_may_not_hold_run_numbers(tmp_path: Path, mnist_shards: Path) -> None:
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 64, "gradient_clipping": 0.0}))

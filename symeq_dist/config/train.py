@@ -20,6 +20,10 @@ class TrainConfig:
     """Keep exponential moving averages of both players' weights with this decay per applied update (e.g.
     0.999), for `symeq sample` and `symeq eval` (which use them when present); 0 = off. Stored in every
     checkpoint's weights.pt; resumes exactly (runtime/ema.py: at ZeRO-3 each rank averages its partition)."""
+    init_from: str = ""
+    """A run directory whose latest checkpoint's trained weights (not the averages) both players start from, e.g.
+    an ELBO run before the symmetric game; optimisers, step, data order and RNG start fresh, and the model keys
+    must match. Ignored when resuming (the run's own checkpoint is loaded). Empty = the seeded initialisation."""
     channels_last: bool = False
     """Keep both players' conv weights and the image batches in channels-last (NHWC) memory order, which oneDNN's
     CPU convolutions and cuDNN's tensor-core kernels prefer; values are unchanged. Weights only at ZeRO-0
