@@ -124,6 +124,15 @@ def test_eval_of_a_step_with_several_chain_lengths(runs: dict[str, Path], classi
     assert [e.step for e in acc.Scalars(f"eval/{net}/gap@2")] == [3]
 
 
+def test_eval_uses_the_averages_unless_asked_for_the_trained_weights(mnist_shards: Path, classifier: Path,
+                                                                     tmp_path: Path) -> None:
+    run_training(load_config(None, tiny_overrides(tmp_path / "ema", mnist_shards, "train.ema_decay=0.5")))
+    averaged = evaluate(_opts(tmp_path / "ema", classifier))
+    trained = evaluate(_opts(tmp_path / "ema", classifier, ema=False))
+    assert averaged["ema_weights"] is True and trained["ema_weights"] is False
+    assert averaged["bits_per_dim"]["elbo_bpd"] != trained["bits_per_dim"]["elbo_bpd"]
+
+
 def test_eval_of_a_missing_step_names_the_ones_there_are(runs: dict[str, Path], classifier: Path) -> None:
     before = sorted((runs["elbo"] / "eval").rglob("*")) if (runs["elbo"] / "eval").exists() else []
     with pytest.raises(checkpoint.CheckpointError, match=r"no complete checkpoint of step 4 \(it has \[3, 6\]\)"):

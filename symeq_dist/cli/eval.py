@@ -28,6 +28,9 @@ def add_eval_parsers(sub: Any) -> None:
                     help="bits/dim on the held-out split: 1 (default) = negative ELBO; K > 1 also the importance-"
                          "weighted bound with K encoder draws per image")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--trained-weights", action="store_true",
+                    help="evaluate the trained weights, not the run's averages (train.ema_decay), which early in a run "
+                         "still carry much of the initial weights")
     ev.add_argument("--batch-size", type=int, default=500, help="images generated and embedded at once")
     ev.add_argument("--features", type=Path, default=None,
                     help="feature-network checkpoint (default <shards>/classifier.pt, trained there on first use); "
@@ -67,7 +70,7 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     lengths = parse_chain_lengths(args.chain_steps)
     opts = EvalOptions(run_dir=args.run_dir, n=args.n, chain_steps=lengths if len(lengths) > 1 else lengths[0],
-                       step=args.step, seed=args.seed, iw_samples=args.iw_samples,
+                       step=args.step, seed=args.seed, ema=not args.trained_weights, iw_samples=args.iw_samples,
                        batch_size=args.batch_size, features=args.features, train_features=not args.no_train_features,
                        feature_epochs=args.epochs, feature_threads=args.threads or None,
                        inception_weights=args.inception_weights, tsne_points=args.tsne_points)

@@ -31,6 +31,9 @@ class EvalOptions:
     step: int | None = None
     """Checkpoint step to evaluate (its checkpoint must still exist); None: the latest."""
     seed: int = 0
+    ema: bool = True
+    """Use the run's averaged weights when it keeps them (`train.ema_decay`); False: the trained weights (the ones
+    the training grids show; an average with decay 0.999 still carries the initial weights early in a run)."""
     batch_size: int = 500
     """Images generated and embedded at once (bounds memory)."""
     features: Path | None = None

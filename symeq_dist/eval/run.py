@@ -287,7 +287,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             classifier is trained first unless `opts.train_features` is False).
     """
     lengths = opts.chain_lengths
-    model = load_trained(opts.run_dir, step=opts.step)
+    model = load_trained(opts.run_dir, step=opts.step, ema=opts.ema)
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
     top = model.decoder.latent_names[0]
