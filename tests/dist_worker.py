@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
             with SyncCounter() as syncs:
                 trainer.train()
             (Path(cfg.run_dir) / f"syncs_rank{info.rank}.json").write_text(json.dumps(syncs.by_caller()))
-        trainer.train()
+        else:
+            trainer.train()
         params = {name: full_state_dict(engine) for name, engine in trainer.engines.items()}
         torch.save(params, Path(cfg.run_dir) / f"params_rank{info.rank}.pt")
     finally:
