@@ -86,8 +86,8 @@ def check_resume_config(cfg: RunConfig, stored: dict[str, Any]) -> None:
     """Refuse to resume with a config that differs from the checkpoint's outside `RESUMABLE_CHANGES` (the run
     directory and `resume` excepted: they say where and how, not what)."""
     old, new = _flatten(config_from_dict(stored).to_dict()), _flatten(cfg.to_dict())
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-               and not k.startswith(RESUMABLE_CHANGES) and k not in ("run_dir", "resume")]
+    changed = [k for k in _changed_keys(old, new)
+               if not k.startswith(RESUMABLE_CHANGES) and k not in ("run_dir", "resume")]
     if changed:
         diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(f"{diff}: cannot change on resume (the checkpoint's run was trained with it); only "
@@ -100,13 +100,18 @@ def _init_from(cfg: RunConfig, players: Any) -> None:
     source = Path(cfg.train.init_from)
     stored = config_from_dict(checkpoint.load_meta(source)["config"]).to_dict()["model"]
     old, new = _flatten(stored), _flatten(cfg.to_dict()["model"])
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = _changed_keys(old, new)
     if changed:
         diff = "; ".join(f"model.{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in changed)
         raise ConfigError(f"train.init_from={source}: its model differs from this run's ({diff}); set the same model "
                           "keys (its config.yaml has them) or start from scratch")
     step, _ = checkpoint.load_weights(source, players.encoder, players.decoder, ema=False)
     log.info("players start from %s at its step %d (optimisers, data order and RNG start fresh)", source, step)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Sorted keys of two flattened configs whose values differ (a key missing on one side counts)."""
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:

@@ -138,8 +138,9 @@ class Trainer:
         of its own (`_agreed_preempt`)."""
         if self.info.world_size == 1:
             return bool(torch.isfinite(loss.detach()))
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
-                             torch.tensor(float(self._signalled()), device=loss.device)])
+        loss = loss.detach()
+        flags = torch.stack([(~torch.isfinite(loss)).float().reshape(()),
+                             loss.new_full((), float(self._signalled()), dtype=torch.float32)])  # no host copy
         bad, preempt = all_reduce(flags, self.info, op="max").tolist()
         self._preempt_vote = bool(preempt) or bool(self._preempt_vote)
         return bad == 0
