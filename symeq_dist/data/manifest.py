@@ -14,8 +14,10 @@ from symeq_dist.errors import InputError, MissingInput
 
 MANIFEST_NAME = "manifest.json"
 # 1: per-sample png + cls; 2: + "format" and "samples_per_member" (packed blocks); 3: per-sample schemas
-# (image_format, label, mask). Every writer writes the current version; readers accept 1..FORMAT_VERSION.
-FORMAT_VERSION = 3
+# (image_format, label, mask); 4: latent shard sets (code member, image_shape null), written only for those, so
+# image sets keep version 3 and their conversion plans. Readers accept 1..FORMAT_VERSION.
+FORMAT_VERSION = 4
+IMAGES_VERSION = 3
 PACKED = "packed"  # members <block key>.{images.npy, labels.npy, keys.json}, one block of samples each
 PER_SAMPLE = "per_sample"  # members <key>.{png|jpg, cls|attr.npy, seg.png, json}, one sample each
 _MANIFEST_KEYS = ("dataset", "image_shape", "splits")

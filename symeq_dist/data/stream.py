@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, Any]  # image uint8 (b, C, H, W); label int64 (b,) | uint8 (b, A); mask uint8 (b, H, W); key
+Batch = dict[str, Any]  # image uint8 (b, C, H, W); label int64 (b,) | uint8 (b, A); mask uint8 (b, H, W); code; key
 STATE_VERSION = 2
 _ORDER_PURPOSE = 0x5EED03  # first SeedSequence word of the epoch orders
 
@@ -155,9 +155,12 @@ def _worker_batches(plan: _Plan, worker: int) -> Iterator[Batch]:
 
 
 def collate(samples: list[Decoded]) -> Batch:
-    """Stack decoded samples: image uint8 (b, C, H, W), label int64 (b,) or uint8 (b, A), mask uint8 (b, H, W)."""
-    batch: Batch = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
-                    "key": [s["key"] for s in samples]}
+    """Stack decoded samples: image uint8 (b, C, H, W), label int64 (b,) or uint8 (b, A), mask uint8 (b, H, W),
+    code float32 (b, *code_shape)."""
+    batch: Batch = {"key": [s["key"] for s in samples]}
+    for field in ("image", "code"):
+        if field in samples[0]:
+            batch[field] = torch.from_numpy(np.stack([s[field] for s in samples]))
     if "label" in samples[0]:
         labels = [s["label"] for s in samples]
         batch["label"] = (torch.tensor(labels, dtype=torch.int64) if isinstance(labels[0], int)

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from symeq_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, PER_SAMPLE
+from symeq_dist.data.manifest import MANIFEST_NAME, PER_SAMPLE
 from symeq_dist.data.schema import Sample, Schema, encode
 from symeq_dist.datasets.common import NAME_RE, provenance, write_manifest, write_tar
 from symeq_dist.errors import InputError
@@ -82,7 +82,7 @@ def convert(out_dir: Path, *, dataset: str, splits: dict[str, Sequence[Any]], ma
     out_dir = Path(out_dir)
     _check_arguments(dataset, splits, schema=schema, samples_per_shard=samples_per_shard, workers=workers, meta=meta)
     jobs = _plan(dataset, splits, samples_per_shard)
-    plan_hash = _hash({"version": FORMAT_VERSION, "dataset": dataset, "schema": schema.to_manifest(),
+    plan_hash = _hash({"version": schema.format_version, "dataset": dataset, "schema": schema.to_manifest(),
                        "samples_per_shard": samples_per_shard, "meta": meta,
                        "make_sample": _describe(make_sample),
                        "splits": {split: list(records) for split, records in splits.items()}})
@@ -275,7 +275,7 @@ def _manifest(dataset: str, splits: dict[str, Sequence[Any]], jobs: list[_Job], 
     entries = {split: {"num_samples": len(records), "shards": []} for split, records in splits.items()}
     for job in jobs:
         entries[job.split]["shards"].append(done[job.name])
-    return {"format_version": FORMAT_VERSION, "format": PER_SAMPLE, "samples_per_member": 1, "dataset": dataset,
+    return {"format_version": schema.format_version, "format": PER_SAMPLE, "samples_per_member": 1, "dataset": dataset,
             **schema.to_manifest(), "splits": entries, **meta, "plan_sha256": plan_hash, **provenance()}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from symeq_dist.data.manifest import FORMAT_VERSION, MANIFEST_NAME, PACKED, PER_SAMPLE
+from symeq_dist.data.manifest import IMAGES_VERSION, MANIFEST_NAME, PACKED, PER_SAMPLE
 from symeq_dist.datasets.common import NAME_RE, write_manifest, write_tar
 from symeq_dist.errors import InputError
 
@@ -69,7 +69,7 @@ def write_shards(out_dir: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
                                    samples_per_shard=samples_per_shard, samples_per_member=per_member)
                for split, (images, labels) in splits.items()}
     num_classes = max((int(np.max(labels)) + 1 for _, labels in splits.values() if len(labels)), default=0)
-    manifest = {"format_version": FORMAT_VERSION, "format": PACKED if per_member > 1 else PER_SAMPLE,
+    manifest = {"format_version": IMAGES_VERSION, "format": PACKED if per_member > 1 else PER_SAMPLE,
                 "samples_per_member": per_member, "dataset": dataset, "image_shape": list(image_shape),
                 "num_classes": num_classes, "splits": entries, **meta}
     write_manifest(out_dir, manifest)

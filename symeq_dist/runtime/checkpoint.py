@@ -39,60 +39,19 @@ import torch
 from deepspeed.checkpoint import ds_to_universal
 from torch import nn
 
-from symeq_dist.errors import InputError
+from symeq_dist.runtime.ckpt_dirs import (
+    CheckpointError,
+    ckpt_root,
+    complete_steps,
+    latest_dir,
+    publish,
+    step_dir,
+)
 from symeq_dist.runtime.dist import DistInfo, barrier, broadcast_object
 from symeq_dist.runtime.engines import Engines, consolidated_weights, player_state
 
 log = logging.getLogger(__name__)
-STEP_NAME = re.compile(r"step_\d{8}")
 WEIGHTS_FILE = "weights.pt"
-
-
-class CheckpointError(InputError):
-    """A checkpoint is missing or does not fit this run; the message names the fix."""
-
-
-def ckpt_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return ckpt_root(run_dir) / f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def latest_dir(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
-    pointer = ckpt_root(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    try:
-        name = pointer.read_bytes().decode("ascii").strip()
-    except UnicodeDecodeError:
-        name = ""
-    if not STEP_NAME.fullmatch(name):
-        raise CheckpointError(f"{pointer} does not name a checkpoint (it should hold e.g. 'step_00000500'); write "
-                              f"the name of a complete step_* directory into it ({_complete_steps(run_dir)})")
-    target = ckpt_root(run_dir) / name
-    if not (target / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names {target}, which is incomplete; delete {pointer} to start "
-                              "over or point it at an older step_* directory")
-    return target
-
-
-def _complete_steps(run_dir: str | Path, before: Path | None = None) -> str:
-    """'complete: step_A, step_B' (older than `before` when given), for messages that suggest one."""
-    done = sorted(p.name for p in ckpt_root(run_dir).glob("step_*") if (p / "meta.json").is_file()
-                  and (before is None or p.name < before.name))
-    return f"complete: {', '.join(done)}" if done else "there is no other complete one"
 
 
 def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str, Any], *,
@@ -119,9 +78,7 @@ def save(run_dir: str | Path, step: int, engines: Engines, rank_state: dict[str,
         full_meta = {**meta, "step": step, "world_size": info.world_size,
                      "engines": [name for name, _ in engines.items()],
                      "zero_stages": {name: int(e.zero_optimization_stage()) for name, e in engines.items()}}
-        _atomic_write(target / "meta.json", json.dumps(full_meta, indent=1).encode())
-        _atomic_write(ckpt_root(run_dir) / "latest", target.name.encode())
-        _prune(run_dir, keep_last)
+        publish(run_dir, target, json.dumps(full_meta, indent=1).encode(), keep_last)
     barrier(info)
     log.info("checkpoint %s written", target)
     return target
@@ -131,12 +88,6 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _prune(run_dir: str | Path, keep_last: int) -> None:
-    done = sorted(p for p in ckpt_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(run_dir: str | Path, engines: Engines, info: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -207,7 +158,7 @@ def _check_engine_files(target: Path, names: list[str]) -> None:
             if not zipfile.is_zipfile(path):
                 raise CheckpointError(f"{path} is truncated or corrupt (not a complete torch file); restore it, or "
                                       f"point {target.parent / 'latest'} at an older step_* directory "
-                                      f"({_complete_steps(target.parent.parent, target)})")
+                                      f"({complete_steps(target.parent.parent, target)})")
 
 
 def _check_stages(target: Path, meta: dict[str, Any], engines: Engines) -> None:
@@ -245,8 +196,11 @@ def reshard_rank_states(old: list[dict[str, Any]], *, rank: int, world_size: int
     first = old[0]
     # Bad samples dropped so far by all old ranks: new rank 0 carries the total, so the ranks' sum stays global.
     skipped = sum(int(state["stream"].get("skipped", 0)) for state in old) if rank == 0 else 0
+    # A streamed prior (prior.kind=shards) continues its order like the data; a buffered one refills.
+    prior = first.get("prior")
+    prior = {**prior, "skipped": 0} if prior and "batches" in prior else None
     return {"train": first["train"], "stream": {**first["stream"], "skipped": skipped},
-            "chain": chains[rows].clone(), "mi": first["mi"], "gens": None, "torch_rng": None}
+            "chain": chains[rows].clone(), "mi": first["mi"], "gens": None, "torch_rng": None, "prior": prior}
 
 
 def _load_resharded(target: Path, engines: Engines, info: DistInfo, old_world: int) -> dict[str, str]:
@@ -362,7 +316,7 @@ def _read_meta(target: Path) -> dict[str, Any]:
             raise ValueError("it lacks step, world_size, engines or config")
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a checkpoint's meta.json ({err}); point {target.parent / 'latest'} at an "
-                              f"older step_* directory ({_complete_steps(target.parent.parent, target)})") from None
+                              f"older step_* directory ({complete_steps(target.parent.parent, target)})") from None
     return meta
 
 
