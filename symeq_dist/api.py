@@ -21,14 +21,22 @@ from typing import Any
 import torch
 
 from symeq_dist import sampling
-from symeq_dist.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config, parse_overrides
+from symeq_dist.config import (
+    IMPLICIT_PRIORS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, pixel_marginal, to_float
 from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.model import load_trained
 from symeq_dist.game import build_game
 from symeq_dist.models import build_players
 from symeq_dist.models.layers import set_x_offset
-from symeq_dist.priors import build_prior
+from symeq_dist.priors import StreamSpec, build_prior
 from symeq_dist.runtime import checkpoint, dist
 from symeq_dist.runtime.engines import build_engines
 from symeq_dist.runtime.monitor import Monitor, setup_logging
@@ -149,6 +157,9 @@ def _write_run_info(cfg: RunConfig, argv: list[str]) -> None:
 
 def _check_data(cfg: RunConfig) -> None:
     manifest = load_manifest(cfg.data.shards)
+    if manifest["image_shape"] is None:
+        raise ConfigError(f"data.shards: {cfg.data.shards} holds latent codes (`symeq prior codes`), not images; "
+                          "point data.shards at image shards, and latent shards at prior.shards with prior.kind=shards")
     shape = tuple(manifest["image_shape"])
     if shape != cfg.model.image_shape:
         raise ConfigError(f"model.image_shape: {cfg.model.image_shape} does not match the shards' "
@@ -169,12 +180,15 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
         set_x_offset(players.decoder, pixel_marginal(cfg.data))
     if cfg.train.init_from and not cfg.resume:
         _init_from(cfg, players)
-    prior = build_prior(cfg.prior, players.decoder)
+    micro = cfg.micro_batch_size(info.world_size)
+    prior = build_prior(cfg.prior, players.decoder, device=info.device,
+                        stream=StreamSpec(seed=cfg.seed, rank=info.rank, world_size=info.world_size, batch_size=micro))
+    if cfg.prior.kind in IMPLICIT_PRIORS:
+        log.info("prior: %s", prior.source)
     game = build_game(cfg.game, players, prior)
     for name, module in players.items():  # counted before ZeRO-3 partitions the parameters
         log.info("%s: %s parameters", name, f"{sum(p.numel() for p in module.parameters()):,}")
     engines = build_engines(game.modules, cfg, info)
-    micro = cfg.micro_batch_size(info.world_size)
     log.info("global batch %d = micro %d x accumulation %d x world %d", cfg.train.batch_size, micro,
              cfg.train.grad_accumulation, info.world_size)
     stream = build_train_stream(cfg.data, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
@@ -280,3 +294,33 @@ def evaluate(opts: Any) -> dict[str, Any]:
     from symeq_dist.eval.run import evaluate as evaluate_run  # matplotlib and feature nets: only when asked
 
     return evaluate_run(opts)
+
+
+# ---------------------------------------------------------------- priors (METHOD §7.5)
+def prior_codes(run_dir: Path, out: Path, *, splits: list[str] | None = None, seed: int = 0, ema: bool = True,
+                samples_per_shard: int = 10000) -> dict[str, Any]:
+    """`symeq prior codes`: a trained run's top-latent codes z ~ q(z_top | x) of `splits` (default: its data.split
+    and data.eval_split) as a latent shard set in `out`; returns the manifest."""
+    from symeq_dist.datasets.codes import write_code_set
+    from symeq_dist.eval.prior import encode_split
+
+    model = load_trained(run_dir, ema=ema)
+    splits = splits or list(dict.fromkeys([model.cfg.data.split, model.cfg.data.eval_split]))
+    codes = {split: encode_split(model, split, seed=seed) for split in splits}
+    meta = {"source_run": str(Path(run_dir).resolve()), "source_step": model.step, "seed": seed,
+            "weights": "averaged" if model.ema else "trained", "latent": model.decoder.latent_names[0]}
+    return write_code_set(out, dataset="codes", codes=codes, family=model.decoder.top_family, meta=meta,
+                          samples_per_shard=samples_per_shard)
+
+
+def prior_sample(run_dir: Path, out: Path, *, num: int, split: str = "train", seed: int = 0, ema: bool = True,
+                 samples_per_shard: int = 10000) -> dict[str, Any]:
+    """`symeq prior sample`: `num` samples of a prior run as a latent shard set (split `split`) in `out`."""
+    from symeq_dist.datasets.codes import write_code_set
+    from symeq_dist.priors.trainer import draw_codes, load_prior
+
+    prior = load_prior(run_dir, ema=ema)
+    meta = {"source_prior": str(Path(run_dir).resolve()), "source_step": prior.step, "seed": seed,
+            "weights": "averaged" if prior.ema else "trained"}
+    return write_code_set(out, dataset="samples", codes={split: draw_codes(prior.model, num, seed)},
+                          family=prior.family, meta=meta, samples_per_shard=samples_per_shard)

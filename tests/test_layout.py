@@ -17,6 +17,7 @@ ONLY_IMPORTERS = {
     "deepspeed": {"runtime/engines.py", "runtime/checkpoint.py", "runtime/ops.py"},
     "webdataset": {"datasets/common.py"},
     "tensorboard": {"runtime/monitor.py"},
+    "accelerate": {"priors/trainer.py"},  # the prior-model trainer; the game's engines are DeepSpeed's
 }
 # room -> rooms it must not import (module level or inside functions); STYLE.md §2
 FORBIDDEN = {
@@ -31,6 +32,10 @@ FORBIDDEN = {
     "train": {"datasets", "eval", "api", "cli"},
     "eval": {"train", "datasets", "api", "cli"},
 }
+# (importer room, imported module) pairs the table above forbids but STYLE.md allows: the prior trainer keeps its
+# checkpoints in the game's layout through the deepspeed-free directory helpers (STYLE.md: priors must not import
+# runtime.engines)
+EXCEPTIONS = {("priors", "symeq_dist.runtime.ckpt_dirs")}
 MAX_LINES = 400
 
 
@@ -75,7 +80,7 @@ def test_rooms_import_only_what_they_may() -> None:
     for module, path in _modules().items():
         room = _room(module)
         for imported in _imports(path, top_level_only=False):
-            if _room(imported) in FORBIDDEN.get(room, set()):
+            if _room(imported) in FORBIDDEN.get(room, set()) and (room, imported) not in EXCEPTIONS:
                 problems.append(f"{module} imports {imported}")
     assert not problems, "\n".join(problems)
 

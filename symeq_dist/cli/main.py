@@ -7,6 +7,7 @@
     symeq demo
     symeq eval train-features data_shards/mnist ; symeq eval runs/demo --n 10000 --chain-steps 1000
     symeq compare runs/symmetric runs/elbo
+    symeq prior codes runs/demo --out data_shards/demo-codes ; symeq prior train configs/prior_diffusion.yaml ...
 
 Sub-commands import what they need when they run, so `symeq --help` and `symeq shards ...` stay light.
 Exit codes: 0 done, 2 bad input (the project's `InputError`: one line naming the fix; any other exception
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from symeq_dist.cli.eval import add_eval_parsers, run_compare, run_eval
+from symeq_dist.cli.prior import add_prior_parser, run_prior
 from symeq_dist.errors import InputError
 
 EXIT_INPUT, EXIT_COLLECTIVE = 2, 1
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--chain-steps", type=int, default=1000, help="limiting-chain steps of the final grid")
     demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500")
     add_eval_parsers(sub)
+    add_prior_parser(sub)
     return parser
 
 
@@ -73,6 +76,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         run_eval(args)
     elif args.command == "compare":
         run_compare(args)
+    elif args.command == "prior":
+        run_prior(args, argv)
     elif args.command in ("train", "resume"):
         from symeq_dist import api
         if args.command == "resume":

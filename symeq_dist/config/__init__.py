@@ -8,7 +8,7 @@ from symeq_dist.config.base import ConfigError
 from symeq_dist.config.data import DataConfig
 from symeq_dist.config.engines import EngineConfig, EnginesConfig
 from symeq_dist.config.game import GameConfig
-from symeq_dist.config.loading import config_from_dict, dump_config, load_config, parse_overrides
+from symeq_dist.config.loading import config_from_dict, dump_config, load_config, parse_overrides, with_overrides
 from symeq_dist.config.models import (
     MODEL_CONFIGS,
     HVAEConfig,
@@ -20,14 +20,15 @@ from symeq_dist.config.models import (
     StageConfig,
     model_config,
 )
-from symeq_dist.config.prior import PriorConfig
+from symeq_dist.config.prior import IMPLICIT_PRIORS, PriorConfig
+from symeq_dist.config.prior_run import PriorRunConfig
 from symeq_dist.config.run import RunConfig
 from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
 
 __all__ = [
-    "MODEL_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "EngineConfig", "EnginesConfig",
-    "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig", "ModelConfig", "MonitorConfig",
-    "PriorConfig", "Reference28Config", "Reverse28Config", "RunConfig", "SamplingConfig", "StageConfig",
-    "TrainConfig",
-    "config_from_dict", "dump_config", "load_config", "model_config", "parse_overrides",
+    "IMPLICIT_PRIORS", "MODEL_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "EngineConfig",
+    "EnginesConfig", "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig", "ModelConfig",
+    "MonitorConfig", "PriorConfig", "PriorRunConfig", "Reference28Config", "Reverse28Config", "RunConfig",
+    "SamplingConfig", "StageConfig", "TrainConfig",
+    "config_from_dict", "dump_config", "load_config", "model_config", "parse_overrides", "with_overrides",
 ]

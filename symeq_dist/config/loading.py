@@ -142,8 +142,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run config: defaults, then the YAML file, then dotted overrides.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, cls: type = RunConfig) -> Any:
+    """Load a run config (`cls`: RunConfig, or PriorRunConfig for `symeq prior train`): defaults, then the YAML
+    file, then dotted overrides.
 
     Raises:
         FileNotFoundError: the YAML file does not exist.
@@ -163,16 +164,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
         data = loaded
     data = _merge(data, parse_overrides(overrides or []))
-    return _build(RunConfig, data, "")
+    return _build(cls, data, "")
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict()` output (e.g. a checkpoint's stored config).
+def with_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A config dict (e.g. a checkpoint's stored one) with dotted overrides applied."""
+    return _merge(data, parse_overrides(overrides))
+
+
+def config_from_dict(data: dict[str, Any], *, cls: type = RunConfig) -> Any:
+    """Rebuild a RunConfig (or `cls`, e.g. PriorRunConfig) from `to_dict()` output (e.g. a checkpoint's stored config).
 
     Configs stored before model configs became one class per kind hold every model field of every kind;
     the fields the stored kind does not have are dropped (they had no effect on that kind).
     """
     model = data.get("model")
+    if cls is not RunConfig:
+        return _build(cls, data, "")
     if isinstance(model, dict):
         cls = MODEL_CONFIGS.get(model.get("kind", "mlp"))
         if cls is not None:
@@ -182,5 +190,5 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, data, "")
 
 
-def dump_config(cfg: RunConfig) -> str:
+def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -11,7 +11,7 @@ from symeq_dist.config.data import DataConfig
 from symeq_dist.config.engines import EnginesConfig
 from symeq_dist.config.game import GameConfig
 from symeq_dist.config.models import MLPVAEConfig, ModelConfig, Reference28Config
-from symeq_dist.config.prior import PriorConfig
+from symeq_dist.config.prior import IMPLICIT_PRIORS, PriorConfig
 from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
 
 
@@ -36,6 +36,10 @@ class RunConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        check(self.game.kind != "elbo" or self.prior.kind not in IMPLICIT_PRIORS, "prior.kind",
+              f"{self.prior.kind} is known only through samples, and the ELBO game needs the density log pi(z) for its "
+              "KL term; use game.kind=symmetric (the game that needs only samples) or a closed-form prior "
+              "(prior.kind=auto)")
         if isinstance(self.model, Reference28Config):
             check(self.data.binarize_threshold is not None or self.model.x_dist == "gaussian", "model.x_dist",
                   "grey-valued data (data.binarize_threshold=null) needs model.x_dist=gaussian")

@@ -54,4 +54,4 @@ def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool
     for _, module in players.items():
         module.to(device).eval()
     return TrainedModel(cfg=cfg, step=step, ema=used_ema, players=players,
-                        prior=build_prior(cfg.prior, players.decoder), device=device)
+                        prior=build_prior(cfg.prior, players.decoder, device=device), device=device)

@@ -76,8 +76,8 @@ def complete_data(encoder: nn.Module, decoder: nn.Module, x: Tensor, generator: 
 @torch.no_grad()
 def dream(decoder: nn.Module, prior: Prior, num: int, generator: torch.Generator,
           device: torch.device) -> Pairs:
-    """Dream pairs: z_0 ~ pi(z_0), then z_{>=1} and x ~ p_theta ancestrally (detached)."""
-    z_top = prior.sample(num, generator, device)
+    """Dream pairs: z_0 ~ pi(z_0) (the prior's next codes), then z_{>=1} and x ~ p_theta ancestrally (detached)."""
+    z_top = prior.next_codes(num, generator, device)
     z, x, dists = decoder.sample(z_top, generator)
     return Pairs(x=x, z=z, dists=dists)
 

@@ -1,14 +1,15 @@
-"""The latent source pi(z) of the decoder's top latent: the game only ever calls `sample(n)` (METHOD §1, §7.5).
+"""The latent source pi(z) of the decoder's top latent: the game only ever draws from it (METHOD §1, §7.5).
 
 Closed-form priors (uniform bits, standard Gaussian) also give `distribution(n)` for the ELBO baseline.
-`build_prior` picks the kind from `prior.kind` (registry `PRIORS`) and checks it against the decoder's top
-latent. Implicit priors (a separately trained model, latent shards) arrive with the prior kinds `model`
-and `shards` (docs/extending.md: adding a prior kind). Must not import `runtime.engines`.
+Implicit priors (`implicit.py`: a separately trained prior model, `prior.kind=model`; latent shards,
+`prior.kind=shards`) only sample. `build_prior` picks the kind from `prior.kind` and checks the prior's sample
+space against the decoder's top latent. The prior models and their trainer (accelerate) are `models.py` and
+`trainer.py`; `codes.py` writes latent shard sets. Must not import `runtime.engines`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -16,13 +17,20 @@ from symeq_dist.config import ConfigError, PriorConfig
 from symeq_dist.models.distributions import Distribution
 from symeq_dist.models.players import Decoder
 from symeq_dist.priors.closed_form import StandardGaussian, UniformBits
+from symeq_dist.priors.implicit import ModelPrior, ShardPrior, StreamSpec
 
 
 class Prior(Protocol):
     shape: tuple[int, ...]
     family: str
 
-    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor: ...
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """n codes for grids, chains and evaluation; draws only from `generator`."""
+        ...
+
+    def next_codes(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The game's next n dream codes (a streamed or buffered prior advances; state in `state_dict`)."""
+        ...
 
     def distribution(self, n: int, device: torch.device) -> Distribution: ...
 
@@ -31,22 +39,37 @@ PRIORS: dict[str, type] = {"standard_gaussian": StandardGaussian, "uniform_bits"
 _AUTO = {"gaussian": "standard_gaussian", "bernoulli": "uniform_bits"}
 
 
-def build_prior(cfg: PriorConfig, decoder: Decoder) -> Prior:
-    """pi(z) for the decoder's top latent.
+def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | None = None,
+                stream: StreamSpec | None = None) -> Prior:
+    """pi(z) for the decoder's top latent (`stream`: where a `shards` prior's game codes come from; without it such
+    a prior only samples, as evaluation needs).
 
     Raises:
         ConfigError: the prior's sample space does not match the top latent (names both).
     """
     top = decoder.latent_names[0]
     shape, family = decoder.latent_shapes[top], decoder.top_family
-    kind = _AUTO.get(family) if cfg.kind == "auto" else cfg.kind
-    if kind is None:
-        raise ConfigError(f"prior.kind: no closed-form prior for a {family} top latent; choose one of {list(PRIORS)}")
-    prior = PRIORS[kind](shape)
-    if prior.family != family:
-        raise ConfigError(f"prior.kind: {kind} draws {prior.family} samples, but the decoder's top latent {top!r} "
-                          f"is {family} with shape {shape}; use prior.kind={_AUTO[family]} (or auto)")
+    if cfg.kind == "model":
+        prior: Any = ModelPrior(cfg.run, refresh_every=cfg.refresh_every, device=device)
+    elif cfg.kind == "shards":
+        prior = ShardPrior(cfg, stream)
+    else:
+        kind = _AUTO.get(family) if cfg.kind == "auto" else cfg.kind
+        if kind is None:
+            raise ConfigError(f"prior.kind: no closed-form prior for a {family} top latent; choose one of "
+                              f"{list(PRIORS)}")
+        prior = PRIORS[kind](shape)
+        if prior.family != family:
+            raise ConfigError(f"prior.kind: {kind} draws {prior.family} samples, but the decoder's top latent "
+                              f"{top!r} is {family} with shape {shape}; use prior.kind={_AUTO[family]} (or auto)")
+        return prior
+    if (tuple(prior.shape), prior.family) != (tuple(shape), family):
+        raise ConfigError(f"prior.kind={cfg.kind}: {prior.source} draws {prior.family} codes of shape "
+                          f"{tuple(prior.shape)}, but the decoder's top latent {top!r} is {family} with shape "
+                          f"{tuple(shape)}; give a prior trained on this model's codes (`symeq prior codes RUN`, "
+                          "then `symeq prior train`) or change model.* to match")
     return prior
 
 
-__all__ = ["PRIORS", "Prior", "StandardGaussian", "UniformBits", "build_prior"]
+__all__ = ["PRIORS", "ModelPrior", "Prior", "ShardPrior", "StandardGaussian", "StreamSpec", "UniformBits",
+           "build_prior"]

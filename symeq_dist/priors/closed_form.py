@@ -21,6 +21,8 @@ class UniformBits:
     def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return torch.randint(0, 2, (n, *self.shape), generator=generator, device=device).float()
 
+    next_codes = sample  # stateless: the game's draws are plain samples
+
     def distribution(self, n: int, device: torch.device) -> Distribution:
         return Bernoulli(torch.zeros(n, *self.shape, device=device))
 
@@ -35,6 +37,8 @@ class StandardGaussian:
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return torch.randn((n, *self.shape), generator=generator, device=device)
+
+    next_codes = sample
 
     def distribution(self, n: int, device: torch.device) -> Distribution:
         zeros = torch.zeros(n, *self.shape, device=device)

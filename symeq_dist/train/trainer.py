@@ -103,7 +103,9 @@ class Trainer:
             data=self._float(self.eval_images.to(self.info.device)))
 
     def rank_state(self) -> dict[str, Any]:
+        prior = getattr(self.prior, "state_dict", None)  # streamed or buffered priors (priors/implicit.py)
         return {"train": asdict(self.state), "stream": self.stream.state_dict(), "chain": self.chain.cpu(),
+                "prior": None if prior is None else prior(),
                 "mi": self.mi.state_dict(), "gens": {k: g.get_state() for k, g in self.gens.items()},
                 "torch_rng": torch.get_rng_state()}
 
@@ -113,6 +115,8 @@ class Trainer:
         if self.guard is not None:
             self.guard.state = self.state.grad_norms
         self.stream.load_state_dict(state["stream"])
+        if hasattr(self.prior, "load_state_dict"):
+            self.prior.load_state_dict(state.get("prior"), self.info.device)
         self.chain = state["chain"].to(self.info.device)
         self.mi.load_state_dict(state["mi"], self.info.device)
         if state["gens"] is None:  # resumed on another number of ranks: fresh per-rank streams (docs/resume.md)
@@ -353,3 +357,5 @@ class Trainer:
     def close(self) -> None:
         self.monitor.close()
         self.stream.close()
+        if hasattr(self.prior, "close"):  # a streamed prior's reader
+            self.prior.close()
