@@ -1,6 +1,7 @@
 """`symeq-launch`: start this node's training processes and supervise them. No training logic here.
 
     symeq-launch --nproc-per-node 2 configs/debug_cpu.yaml train.steps=100      # one machine
+    symeq-launch --prior --nproc-per-node 2 configs/prior_diffusion.yaml ...     # a prior model (symeq prior train)
     srun --ntasks-per-node=1 symeq-launch configs/x.yaml run_dir=runs/x          # under SLURM, per node
 
 Standalone: one node, rendezvous on 127.0.0.1 and a free port. Under SLURM (SLURM_JOB_ID and SLURM_PROCID
@@ -85,16 +86,16 @@ def layout_from_env(env: dict[str, str], nproc: int | None) -> Layout:
     return Layout(1, 0, nproc or 1, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
 
 
-def resolve_run_dir(config: str, overrides: list[str], job_id: str | None) -> Path:
+def resolve_run_dir(config: str, overrides: list[str], job_id: str | None, prior: bool = False) -> Path:
     """The run directory every rank gets: the last `run_dir=` override, else the config's, made absolute."""
     run_dir = None
     for item in overrides:
         if item.startswith("run_dir="):
             run_dir = item.split("=", 1)[1]
     if run_dir is None:
-        from symeq_dist.config import load_config  # reads YAML only; imports no torch.distributed state
+        from symeq_dist.config import PriorRunConfig, RunConfig, load_config  # YAML only; no torch.distributed state
 
-        run_dir = load_config(config, []).run_dir
+        run_dir = load_config(config, [], cls=PriorRunConfig if prior else RunConfig).run_dir
     if "{job_id}" in run_dir:
         if job_id is None:
             raise SystemExit(f"symeq-launch: error: run_dir {run_dir!r} uses {{job_id}} outside a SLURM job; "
@@ -109,7 +110,8 @@ def rank_commands(args: argparse.Namespace, layout: Layout, run_dir: Path) -> li
     if has_checkpoint and args.auto_resume and not any(o.startswith("resume=") for o in overrides):
         overrides.append("resume=true")
         print(f"symeq-launch: {run_dir} holds a checkpoint: resuming (resume=true)", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "symeq_dist.cli", "train", args.config, *overrides]
+    command = ["prior", "train"] if args.prior else ["train"]
+    cmd = [sys.executable, "-m", "symeq_dist.cli", *command, args.config, *overrides]
     threads = max(1, (os.cpu_count() or 1) // layout.nproc)
     out = []
     for local in range(layout.nproc):
@@ -186,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds the other ranks get to exit after one failed, before they are killed (default 30)")
     p.add_argument("--no-auto-resume", dest="auto_resume", action="store_false",
                    help="do not add resume=true when the run directory already holds a checkpoint")
+    p.add_argument("--prior", action="store_true",
+                   help="start `symeq prior train CONFIG` (a prior model, accelerate) instead of `symeq train`")
     p.add_argument("--dry-run", action="store_true", help="print the rank commands and environment, start nothing")
     return p
 
@@ -193,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     layout = layout_from_env(dict(os.environ), args.nproc_per_node)
-    run_dir = resolve_run_dir(args.config, args.overrides, layout.job_id)
+    run_dir = resolve_run_dir(args.config, args.overrides, layout.job_id, prior=args.prior)
     commands = rank_commands(args, layout, run_dir)
     if layout.node_rank == 0:
         (run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # written again only if this run is preempted

@@ -297,6 +297,25 @@ def evaluate(opts: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- priors (METHOD §7.5)
+def train_prior(cfg: Any, argv: list[str] | None = None) -> dict[str, float]:
+    """`symeq prior train`: a prior run (`priors.trainer`, accelerate) under the game's preemption contract: a
+    signal in `fault.preempt_signals`' default set makes every process checkpoint after the step, and this
+    raises `Preempted` (exit 75; <run_dir>/PREEMPTED for the sbatch script)."""
+    from symeq_dist.config import FaultConfig
+    from symeq_dist.priors.trainer import train_prior as run
+    from symeq_dist.train.preemption import Preempted, PreemptWatcher, mark_preempted
+
+    with PreemptWatcher(FaultConfig().preempt_signals) as watcher:
+        last = run(cfg, argv, stop=lambda: watcher.signalled is not None)
+    if "preempted_at" in last:
+        step = int(last.pop("preempted_at"))
+        if last.pop("main_process"):
+            mark_preempted(cfg.run_dir, step)
+        raise Preempted(step, watcher.signalled or "a preemption signal on another process")
+    (Path(cfg.run_dir) / PREEMPTED_FILE).unlink(missing_ok=True)
+    return last
+
+
 def prior_codes(run_dir: Path, out: Path, *, splits: list[str] | None = None, seed: int = 0, ema: bool = True,
                 samples_per_shard: int = 10000) -> dict[str, Any]:
     """`symeq prior codes`: a trained run's top-latent codes z ~ q(z_top | x) of `splits` (default: its data.split

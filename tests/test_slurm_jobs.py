@@ -7,6 +7,7 @@ of the script are overridden on the command line, as a user would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -142,3 +143,60 @@ def test_preempted_job_checkpoints_is_requeued_and_matches_an_uninterrupted_job(
     for name in ("encoder", "decoder"):
         full, cut = weights(tmp_path / "full", name), weights(tmp_path / "cut", name)
         assert all(torch.equal(full[k], cut[k]) for k in full), f"{name} differs from the uninterrupted job"
+
+
+def test_two_node_prior_job_trains_and_a_signalled_one_resumes_to_the_same_weights(
+        slurm_cluster: Cluster, tmp_path: Path) -> None:
+    """slurm/submit prior: slurm/prior.sbatch -> launcher --prior -> `symeq prior train` (accelerate, gloo) on both
+    nodes; a job signalled mid-run (scancel --signal=USR1) checkpoints, is requeued and ends with the weights of
+    the uninterrupted job."""
+    import numpy as np
+
+    from symeq_dist.datasets.codes import write_code_set
+
+    rng = np.random.default_rng(0)
+    codes = tmp_path / "codes"
+    write_code_set(codes, dataset="codes", meta={}, family="gaussian", samples_per_shard=200,
+                   codes={s: rng.normal(size=(n, 4)).astype(np.float32) for s, n in (("train", 400), ("valid", 64))})
+    env = {k: v for k, v in slurm_cluster.env.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {**env, "SYMEQ_PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo",
+           "SYMEQ_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
+    overrides = [f"data.shards={codes}", "model.hidden=16", "model.depth=1", "model.timesteps=20",
+                 "model.sample_steps=5", "train.batch_size=16", "train.steps=1500", "monitor.log_every=500",
+                 "monitor.eval_every=100000", "monitor.progress=false", "checkpoint.every=100000"]
+
+    def submit_prior(run: Path) -> int:
+        proc = subprocess.run([str(ROOT / "slurm" / "submit"), "prior", str(run),
+                               str(ROOT / "configs" / "prior_diffusion.yaml"), *overrides, "--", *SMALL_NODES,
+                               "--nodes=2"], env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.strip().split(";")[0])
+
+    def log(run: Path, job: int) -> str:
+        path = run / f"slurm-prior-{job}.out"
+        return path.read_text() if path.is_file() else ""
+
+    full = submit_prior(tmp_path / "full")
+    state = slurm_cluster.wait_for(full, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    assert state == "COMPLETED", log(tmp_path / "full", full)[-4000:] + slurm_cluster.logs()
+    assert "node 0/2, ranks 0..0 of 2" in log(tmp_path / "full", full)
+    meta = json.loads((checkpoint.latest_dir(tmp_path / "full") / "meta.json").read_text())
+    assert meta["step"] == 1500 and meta["world_size"] == 2
+    cut = tmp_path / "cut"
+    job = submit_prior(cut)
+    slurm_cluster.wait_for(job, {"RUNNING"}, timeout=120)
+    deadline = time.monotonic() + 120
+    while not (cut / "tb").is_dir() and time.monotonic() < deadline:  # training has started
+        time.sleep(0.3)
+    time.sleep(1)
+    slurm_cluster.signal(job, "USR1")  # to the job step: srun forwards it to the launchers, they to the ranks
+    state = slurm_cluster.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    text = log(cut, job)
+    assert state == "COMPLETED", text[-4000:]
+    assert re.search(r"SIGUSR1 received: checkpoint at step \d+ written", text), text[-4000:]
+    assert "restart 1" in text and "resuming (resume=true)" in text
+    ours, theirs = (torch.load(checkpoint.latest_dir(d) / "weights.pt", weights_only=True)
+                    for d in (cut, tmp_path / "full"))
+    for part in ("prior", "ema"):
+        assert all(torch.equal(ours[part][k], theirs[part][k]) for k in ours[part]), f"{part} differs"

@@ -45,6 +45,9 @@ def add_eval_parsers(sub: Any) -> None:
     ev.add_argument("--threads", type=int, default=1,
                     help="feature-network training: torch threads (default 1: the file's bytes do not depend on the "
                          "core count, and one is faster on a busy CPU; 0: torch's default, the machine's cores)")
+    ev.add_argument("--prior", type=Path, default=None,
+                    help="evaluate with this prior in place of the run's own: a `symeq prior train` run or a latent "
+                         "shard set (the two-stage VAE); written to eval/step_N-prior-NAME/")
     cmp = sub.add_parser("compare", help="put evaluated runs side by side (markdown table + plot)")
     cmp.add_argument("run_dirs", type=Path, nargs="+")
     cmp.add_argument("--out", type=Path, default=None,
@@ -73,10 +76,11 @@ def run_eval(args: argparse.Namespace) -> None:
                        step=args.step, seed=args.seed, ema=not args.trained_weights, iw_samples=args.iw_samples,
                        batch_size=args.batch_size, features=args.features, train_features=not args.no_train_features,
                        feature_epochs=args.epochs, feature_threads=args.threads or None,
-                       inception_weights=args.inception_weights, tsne_points=args.tsne_points)
+                       inception_weights=args.inception_weights, tsne_points=args.tsne_points, prior=args.prior)
     with _eval_log():  # says when the feature network is trained first
         results = api.evaluate(opts)
-    step_dir = args.run_dir / "eval" / f"step_{results['step']:08d}"
+    step_dir = args.run_dir / "eval" / (f"step_{results['step']:08d}" + (f"-prior-{args.prior.name}" if args.prior
+                                                                        else ""))
     print((step_dir / "report.md").read_text())
     print(f"wrote {step_dir} (report.md, report.json, figures; copied to {args.run_dir / 'eval'}); "
           f"step {results['step']}")

@@ -62,11 +62,11 @@ def run_prior(args: argparse.Namespace, argv: list[str]) -> None:
     from symeq_dist import api
 
     if args.prior_command in ("train", "resume"):
-        from symeq_dist.priors.trainer import load_prior_config, train_prior
+        from symeq_dist.priors.trainer import load_prior_config
 
         if args.prior_command == "resume":
             args.config, args.overrides = None, [f"run_dir={args.run_dir}", "resume=true", *args.overrides]
-        last = train_prior(load_prior_config(args.config, args.overrides), argv[1:])
+        last = api.train_prior(load_prior_config(args.config, args.overrides), argv[1:])
         if last:
             print("prior: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
     elif args.prior_command == "codes":

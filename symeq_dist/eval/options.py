@@ -50,6 +50,10 @@ class EvalOptions:
     iw_samples: int = 1
     """Bits/dim on the held-out split: 1 = the negative ELBO; K > 1 adds the importance-weighted bound (K draws)."""
     progress: bool = True
+    prior: Path | None = None
+    """Evaluate with this prior in place of the run's own (the two-stage VAE: a run decoded from a separately trained
+    prior): a `symeq prior train` run or a latent shard set. The report goes to eval/step_<step>-prior-<name>/;
+    the run's own eval/ report and TensorBoard stay as they are."""
 
     @property
     def chain_lengths(self) -> tuple[int, ...]:

@@ -81,7 +81,7 @@ def _md_header(results: dict[str, Any]) -> list[str]:
              f"- limiting-chain steps: {', '.join(map(str, chain_lengths(results))) or 'n/a'}"]
     if results.get("ema_weights"):
         lines.append("- weights: the run's exponential moving averages (train.ema_decay)")
-    lines += [f"- {key}: {results[key]}" for key in ("game", "model") if key in results]
+    lines += [f"- {key}: {results[key]}" for key in ("game", "model", "prior") if key in results]
     reference = results.get("reference")
     if isinstance(reference, dict):
         lines.append(f"- reference set: split `{reference.get('split')}`, n = {reference.get('n')}"

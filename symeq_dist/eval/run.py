@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from symeq_dist import sampling
-from symeq_dist.config import RunConfig
+from symeq_dist.config import PriorConfig, RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
 from symeq_dist.eval.diagnostics import Diagnostics
 from symeq_dist.eval.features import FeatureExtractor
@@ -39,6 +40,7 @@ from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extr
 from symeq_dist.eval.probe import linear_probe_accuracy
 from symeq_dist.eval.report import chain_key, write_report
 from symeq_dist.game.mi import DEAD_MI
+from symeq_dist.priors import build_prior
 
 __all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors"]
 SETS = ("random_code", "limiting_chain", "reconstruction")  # the report's FD keys (plus limiting_chain@L)
@@ -214,7 +216,7 @@ def _bits_per_dim(model: TrainedModel, opts: EvalOptions) -> dict[str, Any]:
     """Bits/dim of at most n held-out images (eval_split) with the encoder as proposal; the reason when the prior
     has no density (an implicit prior: only samples)."""
     split = model.cfg.data.eval_split
-    if not hasattr(model.prior, "distribution"):
+    if not getattr(model.prior, "has_density", False):
         return {"skipped": "the prior has no density (implicit prior): bits/dim needs log pi(z)", "split": split}
     gen = torch.Generator(device=model.device).manual_seed(opts.seed * 1000 + 99)
     batches = (b["x"] for b in _data_batches(model.cfg, split, opts.n, opts.batch_size, model.device))
@@ -288,6 +290,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """
     lengths = opts.chain_lengths
     model = load_trained(opts.run_dir, step=opts.step, ema=opts.ema)
+    if opts.prior is not None:
+        model = replace(model, prior=_other_prior(opts.prior, model))
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
     top = model.decoder.latent_names[0]
@@ -300,13 +304,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         batches = _data_batches(model.cfg, ref_split, opts.n, opts.batch_size, model.device)
         _data_pass(model, acc, batches, sets, gen, bar)
         _generated_pass(model, acc, opts, sets, gen, bar)
-    out_dir = opts.run_dir / "eval" / f"step_{model.step:08d}"
+    out_dir = opts.run_dir / "eval" / (f"step_{model.step:08d}" + (f"-prior-{opts.prior.name}" if opts.prior else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     tsne_image = _tsne(acc, out_dir / "tsne.png", opts.seed)
     results = {
         "run_dir": str(opts.run_dir), "step": model.step, "ema_weights": model.ema, "seed": opts.seed, "n": opts.n,
         "chain_steps": lengths[-1], "chain_lengths": list(lengths), "game": model.cfg.game.kind,
-        "model": model.cfg.model.kind,
+        "model": model.cfg.model.kind, "prior": getattr(model.prior, "source", model.cfg.prior.kind),
         "reference": {"split": ref_split, "n": ref_n, "note": "held-out split" if ref_split ==
                       model.cfg.data.eval_split else "training split (held-out split has < 5,000 images)"},
         **_fd_results(acc, lengths), "fid_skipped": fid_skipped,
@@ -320,9 +324,18 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
     write_report(out_dir, results)
-    _mirror(out_dir, opts.run_dir / "eval")
-    _log_tensorboard(opts.run_dir, results, tsne_image)
+    if opts.prior is None:  # another prior's report stays beside the run's own
+        _mirror(out_dir, opts.run_dir / "eval")
+        _log_tensorboard(opts.run_dir, results, tsne_image)
     return results
+
+
+def _other_prior(path: Path, model: TrainedModel) -> Any:
+    """`--prior PATH`: a prior run (it has checkpoints/) or a latent shard set (manifest.json), checked against the
+    decoder's top latent."""
+    kind = "model" if (path / "checkpoints").is_dir() else "shards"
+    cfg = PriorConfig(kind=kind, **({"run": str(path)} if kind == "model" else {"shards": str(path)}))
+    return build_prior(cfg, model.decoder, device=model.device)
 
 
 def _mirror(step_dir: Path, eval_dir: Path) -> None:

@@ -23,6 +23,8 @@ from symeq_dist.priors.implicit import ModelPrior, ShardPrior, StreamSpec
 class Prior(Protocol):
     shape: tuple[int, ...]
     family: str
+    has_density: bool
+    """Whether `distribution` exists (closed forms); implicit priors only sample."""
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """n codes for grids, chains and evaluation; draws only from `generator`."""

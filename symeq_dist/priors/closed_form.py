@@ -14,6 +14,7 @@ class UniformBits:
     """pi(z) = prod Bern(1/2): the prior of every reference model."""
 
     family = "bernoulli"
+    has_density = True  # distribution() exists: the ELBO game and bits/dim can use it
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = shape
@@ -31,6 +32,7 @@ class StandardGaussian:
     """pi(z) = N(0, I)."""
 
     family = "gaussian"
+    has_density = True
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = shape

@@ -51,6 +51,8 @@ class StreamSpec:
 class ModelPrior:
     """pi(z) := samples of a trained prior model (frozen)."""
 
+    has_density = False
+
     def __init__(self, run_dir: str | Path, *, refresh_every: int = 1, device: torch.device | None = None) -> None:
         from symeq_dist.priors.trainer import load_prior
 
@@ -84,6 +86,8 @@ class ModelPrior:
 
 class ShardPrior:
     """pi(z) := the codes of a latent shard set, streamed."""
+
+    has_density = False
 
     def __init__(self, cfg: PriorConfig, stream: StreamSpec | None) -> None:
         from symeq_dist.priors.trainer import code_schema
