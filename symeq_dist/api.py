@@ -32,7 +32,7 @@ from symeq_dist.config import (
 )
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, pixel_marginal, to_float
 from symeq_dist.eval.export import write_samples
-from symeq_dist.eval.model import load_trained
+from symeq_dist.eval.model import load_trained, with_prior
 from symeq_dist.game import build_game
 from symeq_dist.models import build_players
 from symeq_dist.models.layers import set_x_offset
@@ -242,6 +242,8 @@ class SampleRequest:
     """grid (one PNG), png-dir (one PNG per sample) or npz (arr_0: uint8 (N, H, W, C)); see eval/export.py."""
     batch_size: int = 500
     """Samples generated at once (memory stays bounded whatever `num` is)."""
+    prior: Path | None = None
+    """Random codes from this prior instead of the run's own: a `symeq prior train` run or a latent shard set."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,8 @@ def sample(req: SampleRequest) -> SampleResult:
     from tqdm import tqdm
 
     model = load_trained(req.run_dir)  # on the accelerator when there is one
+    if req.prior is not None:
+        model = with_prior(model, req.prior)
     cfg, device = model.cfg, model.device
     gen = make_generators(req.seed, 0, device)["grid"]
     sizes = [min(req.batch_size, req.num - start) for start in range(0, req.num, req.batch_size)]

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                              "torch-fidelity); npz: arr_0 uint8 (N, H, W, C)")
     sample.add_argument("--batch-size", type=int, default=500, help="samples generated at once")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--prior", type=Path, default=None,
+                        help="random codes from this prior instead of the run's own: a `symeq prior train` run or a "
+                             "latent shard set (the two-stage VAE)")
     # listed here for --help only: `main` hands `symeq shards ...` to cli/shards.py, so only it loads the converters
     sub.add_parser("shards", help="convert a data set to webdataset shards, or verify shards (symeq shards --help)")
     demo = sub.add_parser("demo", help="the main job: MNIST shards, a short symmetric run, sample grids",
@@ -86,7 +89,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     elif args.command == "sample":
         from symeq_dist import api
         req = api.SampleRequest(run_dir=args.run_dir, mode=args.mode, steps=args.steps, num=args.num,
-                                out=args.out, seed=args.seed, format=args.format, batch_size=args.batch_size)
+                                out=args.out, seed=args.seed, format=args.format, batch_size=args.batch_size,
+                                prior=args.prior)
         result = api.sample(req)
         what = "random-code" if args.mode == "random" else f"limiting-chain ({args.steps} steps)"
         print(f"wrote {result.path}: {result.num} {what} samples ({args.format}) from {args.run_dir} at "

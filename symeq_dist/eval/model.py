@@ -5,12 +5,12 @@ Used by `symeq eval` and `symeq sample` (through `symeq_dist.api`). Must not imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from symeq_dist.config import RunConfig, config_from_dict
+from symeq_dist.config import PriorConfig, RunConfig, config_from_dict
 from symeq_dist.models import Players, build_players
 from symeq_dist.priors import Prior, build_prior
 from symeq_dist.runtime import checkpoint, dist
@@ -55,3 +55,12 @@ def load_trained(run_dir: Path, device: torch.device | None = None, *, ema: bool
         module.to(device).eval()
     return TrainedModel(cfg=cfg, step=step, ema=used_ema, players=players,
                         prior=build_prior(cfg.prior, players.decoder, device=device), device=device)
+
+
+def with_prior(model: TrainedModel, path: Path) -> TrainedModel:
+    """The model with another prior in place of its run's own (`--prior PATH` of `symeq eval` and `symeq sample`: a
+    run decoded from a separately trained prior): a prior run (it has checkpoints/) or a latent shard set, checked
+    against the decoder's top latent."""
+    kind = "model" if (Path(path) / "checkpoints").is_dir() else "shards"
+    cfg = PriorConfig(kind=kind, **({"run": str(path)} if kind == "model" else {"shards": str(path)}))
+    return replace(model, prior=build_prior(cfg, model.decoder, device=model.device))

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 from symeq_dist import sampling
-from symeq_dist.config import PriorConfig, RunConfig
+from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
 from symeq_dist.eval.diagnostics import Diagnostics
 from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
 from symeq_dist.eval.likelihood import bits_per_dim
-from symeq_dist.eval.model import TrainedModel, load_trained
+from symeq_dist.eval.model import TrainedModel, load_trained, with_prior
 from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors
 from symeq_dist.eval.probe import linear_probe_accuracy
 from symeq_dist.eval.report import chain_key, write_report
 from symeq_dist.game.mi import DEAD_MI
-from symeq_dist.priors import build_prior
 
 __all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors"]
 SETS = ("random_code", "limiting_chain", "reconstruction")  # the report's FD keys (plus limiting_chain@L)
@@ -291,7 +289,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     lengths = opts.chain_lengths
     model = load_trained(opts.run_dir, step=opts.step, ema=opts.ema)
     if opts.prior is not None:
-        model = replace(model, prior=_other_prior(opts.prior, model))
+        model = with_prior(model, opts.prior)
     extractors, fid_skipped = load_extractors(opts, model.cfg, model.device)
     ref_split = _reference_split(model.cfg)
     top = model.decoder.latent_names[0]
@@ -328,14 +326,6 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         _mirror(out_dir, opts.run_dir / "eval")
         _log_tensorboard(opts.run_dir, results, tsne_image)
     return results
-
-
-def _other_prior(path: Path, model: TrainedModel) -> Any:
-    """`--prior PATH`: a prior run (it has checkpoints/) or a latent shard set (manifest.json), checked against the
-    decoder's top latent."""
-    kind = "model" if (path / "checkpoints").is_dir() else "shards"
-    cfg = PriorConfig(kind=kind, **({"run": str(path)} if kind == "model" else {"shards": str(path)}))
-    return build_prior(cfg, model.decoder, device=model.device)
 
 
 def _mirror(step_dir: Path, eval_dir: Path) -> None:
