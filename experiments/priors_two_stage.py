@@ -15,7 +15,7 @@ samples against the held-out digits); grids by `symeq sample`. Finished steps ar
 
     .venv/bin/python experiments/priors_two_stage.py [--out runs/priors] [--steps 6000] [--more 3000] [--n 5000]
 
-Wall time on the 2-core CPU machine, one process at a time: about 35 minutes with the defaults.
+Wall time on the 2-core CPU machine, one process at a time: about 45 minutes with the defaults (B0 alone 17).
 """
 
 from __future__ import annotations

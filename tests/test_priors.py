@@ -317,3 +317,19 @@ def test_eval_reports_random_codes_from_the_prior_in_use(tmp_path: Path, mnist_s
     assert swapped["fd"][net]["random_code"] != own["fd"][net]["random_code"]
     # the chain and the reconstructions do not use pi: the same as with the run's own prior except the chain's start
     assert swapped["reconstruction_error"] == own["reconstruction_error"]
+
+
+def test_prior_sample_steps_override_the_diffusion_priors_own(prior_run: Path, tmp_path: Path) -> None:
+    from symeq_dist.config import PriorConfig
+    from symeq_dist.priors import ModelPrior
+
+    assert ModelPrior(prior_run).model.sample_steps == 5  # the prior run's model.sample_steps
+    fewer = ModelPrior(prior_run, sample_steps=2)
+    assert fewer.model.sample_steps == 2 and fewer.source.endswith("2 DDIM steps")
+    gen = torch.Generator().manual_seed(0)
+    assert not torch.equal(fewer.sample(8, gen, torch.device("cpu")),
+                           ModelPrior(prior_run).sample(8, torch.Generator().manual_seed(0), torch.device("cpu")))
+    with pytest.raises(ConfigError, match="more than the 20 noise levels"):
+        ModelPrior(prior_run, sample_steps=21)
+    with pytest.raises(ConfigError, match=r"prior\.sample_steps: applies to prior\.kind=model only"):
+        PriorConfig(kind="shards", shards=str(tmp_path), sample_steps=3)

@@ -55,6 +55,8 @@ def add_prior_parser(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--n", type=int, default=5000, dest="num", help="samples and held-out codes compared")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--trained-weights", action="store_true", help="the trained weights, not the averages")
+    evaluate.add_argument("--sample-steps", type=int, default=0,
+                          help="diffusion priors: DDIM steps per draw (default: the run's model.sample_steps)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
 
 
@@ -82,7 +84,7 @@ def run_prior(args: argparse.Namespace, argv: list[str]) -> None:
         from symeq_dist.eval.prior import evaluate, format_report
 
         report = evaluate(args.run_dir, codes=args.codes, split=args.split, num=args.num, seed=args.seed,
-                          ema=not args.trained_weights)
+                          ema=not args.trained_weights, sample_steps=args.sample_steps)
         print(format_report(report))
         if args.json is not None:
             args.json.write_text(json.dumps(report, indent=1))

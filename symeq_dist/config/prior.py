@@ -33,6 +33,10 @@ class PriorConfig:
     rank's checkpoint, so resume is exact at the same number of ranks; on another number it is dropped and
     refilled. 1 = a fresh draw every step."""
 
+    sample_steps: int = 0
+    """prior.kind=model with a diffusion prior: its DDIM steps per draw instead of the prior run's own
+    `model.sample_steps` (fewer are cheaper and coarser: docs/priors.md measures both); 0 = the run's own."""
+
     def __post_init__(self) -> None:
         check(bool(self.run) == (self.kind == "model"), "prior.run",
               "set it (a `symeq prior train` run directory) with prior.kind=model, and only then")
@@ -43,6 +47,8 @@ class PriorConfig:
         check(self.refresh_every == 1 or self.kind == "model", "prior.refresh_every",
               "buffers only prior.kind=model draws; leave it at 1")
         check(self.shuffle_buffer >= 1, "prior.shuffle_buffer", "must be >= 1")
+        check(self.sample_steps >= 0, "prior.sample_steps", "must be >= 0 (0 = the prior run's own)")
+        check(self.sample_steps == 0 or self.kind == "model", "prior.sample_steps", "applies to prior.kind=model only")
 
     # the stream (symeq_dist.data.stream) reads these names from its config
     @property

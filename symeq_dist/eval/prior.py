@@ -79,10 +79,15 @@ def compare(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(run_dir: Path, *, codes: Path | None, split: str | None, num: int, seed: int,
-             ema: bool) -> dict[str, Any]:
+             ema: bool, sample_steps: int = 0) -> dict[str, Any]:
     """`symeq prior eval`: the prior's samples, the closed-form prior's and as many training codes (the prior the
     stored codes themselves are, prior.kind=shards), each against `num` held-out codes."""
     prior = load_prior(run_dir, ema=ema)
+    if sample_steps:
+        if not hasattr(prior.model, "sample_steps"):
+            raise InputError(f"--sample-steps: {run_dir} is a {prior.cfg.model.kind} prior, which has no sampling "
+                             "steps")
+        prior.model.sample_steps = sample_steps
     shards = Path(codes or prior.cfg.data.shards)
     split = split or prior.cfg.data.eval_split
     reference = held_out_codes(shards, split, num)
@@ -93,6 +98,7 @@ def evaluate(run_dir: Path, *, codes: Path | None, split: str | None, num: int, 
     stored = held_out_codes(shards, train_split, num) if train_split != split else None
     return {"prior_run": str(run_dir), "step": prior.step, "kind": prior.cfg.model.kind, "family": prior.family,
             "shape": list(prior.shape), "codes": str(shards), "split": split, "n": num,
+            "sample_steps": getattr(prior.model, "sample_steps", None),
             "weights": "averaged" if prior.ema else "trained",
             "prior": compare(draw_codes(prior.model, num, seed), reference),
             "closed_form": compare(baseline, reference),

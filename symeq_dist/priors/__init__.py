@@ -52,7 +52,8 @@ def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | No
     top = decoder.latent_names[0]
     shape, family = decoder.latent_shapes[top], decoder.top_family
     if cfg.kind == "model":
-        prior: Any = ModelPrior(cfg.run, refresh_every=cfg.refresh_every, device=device)
+        prior: Any = ModelPrior(cfg.run, refresh_every=cfg.refresh_every, sample_steps=cfg.sample_steps,
+                                device=device)
     elif cfg.kind == "shards":
         prior = ShardPrior(cfg, stream)
     else:

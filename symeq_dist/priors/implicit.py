@@ -53,12 +53,22 @@ class ModelPrior:
 
     has_density = False
 
-    def __init__(self, run_dir: str | Path, *, refresh_every: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, run_dir: str | Path, *, refresh_every: int = 1, sample_steps: int = 0,
+                 device: torch.device | None = None) -> None:
         from symeq_dist.priors.trainer import load_prior
 
         trained = load_prior(run_dir, device=device)
         self.model, self.shape, self.family = trained.model, trained.shape, trained.family
         self.source = f"prior run {run_dir} (step {trained.step}, {'averaged' if trained.ema else 'trained'} weights)"
+        if sample_steps:
+            if not hasattr(self.model, "timesteps"):
+                raise ConfigError(f"prior.sample_steps: {run_dir} is a {trained.cfg.model.kind} prior, which has no "
+                                  "sampling steps; set prior.sample_steps=0")
+            if sample_steps > self.model.timesteps:
+                raise ConfigError(f"prior.sample_steps: {sample_steps} is more than the {self.model.timesteps} noise "
+                                  f"levels {run_dir} was trained with")
+            self.model.sample_steps = sample_steps
+            self.source += f", {sample_steps} DDIM steps"
         self.refresh_every = refresh_every
         self._buffer: Tensor | None = None
 

@@ -213,6 +213,9 @@ def train_prior(cfg: PriorRunConfig, argv: list[str] | None = None,
             step, end = progress.step, progress.step == cfg.train.steps
             if step % cfg.monitor.log_every == 0 or end:
                 mean = float(accelerator.reduce(total / seen, reduction="mean"))
+                if not math.isfinite(mean):  # nothing is saved from here: the last checkpoint stays the latest
+                    raise FloatingPointError(f"the prior's training loss is {mean} at step {step}; train it again "
+                                             "(a new run_dir) with a lower train.lr or a train.grad_clip")
                 last = {"train/loss": mean, "train/codes_per_s": seen * cfg.train.batch_size /
                         (time.perf_counter() - start)}
                 accelerator.log(last, step=step)
