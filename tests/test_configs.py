@@ -1,19 +1,25 @@
 """Every run config shipped in configs/ starts: its engines build and it trains 2 steps at a tiny batch, on tiny
-stand-in shards of the same image shape (the real data sets are not needed to catch a broken config)."""
+stand-in shards of the same image shape (the real data sets are not needed to catch a broken config). The prior
+configs (configs/prior_*.yaml, `symeq prior train`) train 2 steps on stand-in latent codes of their family."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from symeq_dist.api import train as run_training
-from symeq_dist.config import load_config
+from symeq_dist.config import PriorRunConfig, load_config
+from symeq_dist.datasets.codes import write_code_set
 from symeq_dist.datasets.packed import write_shards
-from tests.conftest import ROOT
+from symeq_dist.runtime.ckpt_dirs import latest_dir
+from tests.conftest import ROOT, subprocess_env
 
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("prior_"))
+PRIOR_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("prior_*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +52,20 @@ def test_shipped_config_builds_and_trains_two_steps(name: str, tmp_path: Path, s
     losses = [v for k, v in last.items() if k.endswith("/loss")]
     assert losses and all(np.isfinite(losses)), last
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize("name", PRIOR_CONFIGS)
+def test_shipped_prior_config_trains_two_steps(name: str, tmp_path: Path) -> None:
+    shipped = load_config(ROOT / "configs" / name, cls=PriorRunConfig)
+    family = "bernoulli" if shipped.model.kind == "made" else "gaussian"
+    rng = np.random.default_rng(0)
+    codes = {s: rng.normal(size=(n, 8)).astype(np.float32) for s, n in (("train", 64), ("valid", 16))}
+    if family == "bernoulli":
+        codes = {s: (c > 0).astype(np.float32) for s, c in codes.items()}
+    write_code_set(tmp_path / "codes", dataset="codes", codes=codes, family=family, meta={})
+    done = subprocess.run([sys.executable, "-m", "symeq_dist.cli", "prior", "train", str(ROOT / "configs" / name),
+                           f"run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'codes'}", "train.steps=2",
+                           "train.batch_size=4", "monitor.progress=false", "monitor.eval_batches=1"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train/loss" in done.stdout and latest_dir(tmp_path / "run").name == "step_00000002"
