@@ -31,6 +31,7 @@ from symeq_dist.config import (
     parse_overrides,
 )
 from symeq_dist.data import build_eval_batches, build_train_stream, load_manifest, pixel_marginal, to_float
+from symeq_dist.data.labelled import LabelledPool
 from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.model import load_trained, with_prior
 from symeq_dist.game import build_game
@@ -195,9 +196,16 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
                                 batch_size=micro)
     eval_images = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split,
                                                batch_size=cfg.monitor.num_grid)))["image"]
+    labelled = None
+    if cfg.data.labels_per_class:
+        cfg.labelled_micro_batch_size(info.world_size)  # divisible, or the error that names a multiple
+        labelled = LabelledPool(cfg.data.shards, cfg.data.split, per_class=cfg.data.labels_per_class, seed=cfg.seed,
+                                rank=info.rank)
+        log.info("labelled pool: %d rows (%s per class), %d labelled rows per step", len(labelled),
+                 "/".join(map(str, labelled.counts)), cfg.data.labelled_batch_size)
     trainer = Trainer(cfg, info, players=players, game=game, engines=engines, prior=prior, stream=stream,
                       eval_images=eval_images, monitor=Monitor(Path(cfg.run_dir), enabled=info.is_main),
-                      faults=FaultPlan.parse(os.environ.get(FAULT_ENV, "")))
+                      faults=FaultPlan.parse(os.environ.get(FAULT_ENV, "")), labelled=labelled)
     if cfg.resume:
         try:
             rank_state, _ = checkpoint.load(cfg.run_dir, engines, info)

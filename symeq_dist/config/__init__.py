@@ -11,6 +11,7 @@ from symeq_dist.config.game import GameConfig
 from symeq_dist.config.loading import config_from_dict, dump_config, load_config, parse_overrides, with_overrides
 from symeq_dist.config.models import (
     MODEL_CONFIGS,
+    ClassMLPConfig,
     HVAEConfig,
     Ladder28Config,
     MLPVAEConfig,
@@ -26,9 +27,9 @@ from symeq_dist.config.run import RunConfig
 from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
 
 __all__ = [
-    "IMPLICIT_PRIORS", "MODEL_CONFIGS", "CheckpointConfig", "ConfigError", "DataConfig", "EngineConfig",
-    "EnginesConfig", "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig", "ModelConfig",
-    "MonitorConfig", "PriorConfig", "PriorRunConfig", "Reference28Config", "Reverse28Config", "RunConfig",
-    "SamplingConfig", "StageConfig", "TrainConfig",
+    "IMPLICIT_PRIORS", "MODEL_CONFIGS", "CheckpointConfig", "ClassMLPConfig", "ConfigError", "DataConfig",
+    "EngineConfig", "EnginesConfig", "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig",
+    "ModelConfig", "MonitorConfig", "PriorConfig", "PriorRunConfig", "Reference28Config", "Reverse28Config",
+    "RunConfig", "SamplingConfig", "StageConfig", "TrainConfig",
     "config_from_dict", "dump_config", "load_config", "model_config", "parse_overrides", "with_overrides",
 ]

@@ -28,11 +28,18 @@ class DataConfig:
     """Window of the epoch order within which samples are shuffled (after the shard/block permutation)."""
     bad_samples: Literal["fail", "skip"] = "fail"
     """A corrupt or missing sample: fail (error naming shard and key) or skip (dropped, counted in data/skipped)."""
+    labels_per_class: int = 0
+    """Semi-supervised runs (a model with a class latent, `model.kind: class_mlp`): the labelled pool holds this many
+    training samples of every class (-1: every sample); 0 = no labels (data/labelled.py)."""
+    labelled_batch_size: int = 128
+    """Labelled rows per step over all ranks (drawn with replacement from the pool), besides train.batch_size."""
 
     def __post_init__(self) -> None:
         if self.binarize_threshold is not None:
             check(0 < self.binarize_threshold <= 255, "data.binarize_threshold", "must be in 1..255 or null")
         check(self.noise_level >= 0, "data.noise_level", "must be >= 0")
+        check(self.labels_per_class >= -1, "data.labels_per_class", "must be >= 0, or -1 for every sample")
+        check(self.labelled_batch_size >= 1, "data.labelled_batch_size", "must be >= 1")
         if self.noise == "flip":
             check(self.noise_level <= 0.5, "data.noise_level", "a flip probability must be <= 0.5")
             check(self.binarize_threshold is not None, "data.noise",

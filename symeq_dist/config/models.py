@@ -205,10 +205,29 @@ class HVAEConfig(ImageModelConfig):
               "the logistic mixture models grey (1) or RGB (3) images")
 
 
-ModelConfig = MLPVAEConfig | Ladder28Config | Reverse28Config | BilinearConfig | HVAEConfig
+@dataclass(frozen=True, kw_only=True)
+class ClassMLPConfig(ImageModelConfig):
+    """MLP VAE whose top latent is a class c (one-hot, uniform prior) above a Gaussian style latent z: labels enter
+    as observed values of c for the labelled rows (METHOD §7.4; `data.labels_per_class`)."""
+
+    kind: Literal["class_mlp"] = "class_mlp"
+    num_classes: int = 10
+    """K, the classes of c; must match the shards' class labels."""
+    num_latents: int = 16
+    """Dimension of the style latent z (Gaussian, p(z | c) learned per class)."""
+    hidden: int = 512
+    """Width of the two hidden layers of each player."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_classes", "num_latents", "hidden"):
+            check(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
+
+
+ModelConfig = MLPVAEConfig | Ladder28Config | Reverse28Config | BilinearConfig | HVAEConfig | ClassMLPConfig
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     cls.kind: cls for cls in (MLPVAEConfig, Ladder28Config, Reverse28Config, BilinearConfig,  # type: ignore[misc]
-                              HVAEConfig)
+                              HVAEConfig, ClassMLPConfig)
 }
 
 

@@ -12,9 +12,10 @@ IMPLICIT_PRIORS = ("model", "shards")
 
 @dataclass(frozen=True, kw_only=True)
 class PriorConfig:
-    kind: Literal["auto", "standard_gaussian", "uniform_bits", "model", "shards"] = "auto"
+    kind: Literal["auto", "standard_gaussian", "uniform_bits", "uniform_classes", "model", "shards"] = "auto"
     """auto: the closed form matching the decoder's top latent (N(0, I) for a Gaussian top, uniform bits
-    for a Bernoulli top); standard_gaussian / uniform_bits: that closed form, checked against the top
+    for a Bernoulli top, uniform classes for a class latent); standard_gaussian / uniform_bits /
+    uniform_classes: that closed form, checked against the top
     latent. Implicit priors, only sampled (the ELBO game refuses them: it needs log pi(z)): model = a frozen
     `symeq prior train` run (`prior.run`), sampled on every rank with the rank's dream generator; shards =
     latent shards (`symeq prior codes` / `symeq prior sample`, `prior.shards`) streamed and split over the

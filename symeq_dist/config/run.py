@@ -10,7 +10,7 @@ from symeq_dist.config.base import ConfigError, check
 from symeq_dist.config.data import DataConfig
 from symeq_dist.config.engines import EnginesConfig
 from symeq_dist.config.game import GameConfig
-from symeq_dist.config.models import MLPVAEConfig, ModelConfig, Reference28Config
+from symeq_dist.config.models import ClassMLPConfig, MLPVAEConfig, ModelConfig, Reference28Config
 from symeq_dist.config.prior import IMPLICIT_PRIORS, PriorConfig
 from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
 
@@ -40,6 +40,12 @@ class RunConfig:
               f"{self.prior.kind} is known only through samples, and the ELBO game needs the density log pi(z) for its "
               "KL term; use game.kind=symmetric (the game that needs only samples) or a closed-form prior "
               "(prior.kind=auto)")
+        check(self.game.kind != "elbo" or not isinstance(self.model, ClassMLPConfig), "game.kind",
+              "elbo is not built for model.kind=class_mlp: a class latent has no reparametrised sample (the "
+              "semi-supervised ELBO sums over the classes instead); use game.kind=symmetric")
+        check(self.data.labels_per_class == 0 or isinstance(self.model, ClassMLPConfig), "data.labels_per_class",
+              f"labels enter as observed values of a class latent, which model.kind={self.model.kind} has not; use "
+              "model.kind=class_mlp or data.labels_per_class=0")
         if isinstance(self.model, Reference28Config):
             check(self.data.binarize_threshold is not None or self.model.x_dist == "gaussian", "model.x_dist",
                   "grey-valued data (data.binarize_threshold=null) needs model.x_dist=gaussian")
@@ -52,6 +58,15 @@ class RunConfig:
                               f"{world_size} x train.grad_accumulation {self.train.grad_accumulation}; "
                               f"choose a multiple of {denom}")
         return self.train.batch_size // denom
+
+    def labelled_micro_batch_size(self, world_size: int) -> int:
+        """Labelled rows per rank and micro-batch (semi-supervised runs); raises if they do not split evenly."""
+        denom = world_size * self.train.grad_accumulation
+        if self.data.labelled_batch_size % denom:
+            raise ConfigError(f"data.labelled_batch_size: {self.data.labelled_batch_size} is not divisible by world "
+                              f"size {world_size} x train.grad_accumulation {self.train.grad_accumulation}; choose a "
+                              f"multiple of {denom}")
+        return self.data.labelled_batch_size // denom
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -173,6 +173,12 @@ def _md_scalars(results: dict[str, Any]) -> list[str]:
         lines += ["## Bits per dimension", "",
                   f"Negative ELBO {num(bpd.get('elbo_bpd'))} bits/dim on {bpd.get('num_images')} images of the "
                   f"`{bpd.get('split')}` split, the encoder as proposal{bound}{note}.", ""]
+    classes = results.get("class_accuracy")
+    if classes:
+        lines += ["## Class latent", "",
+                  f"Accuracy of argmax q(c | x) on the {classes.get('n')} images of the `{classes.get('split')}` "
+                  f"split: {num(classes.get('accuracy'))} (trained with data.labels_per_class = "
+                  f"{classes.get('labels_per_class')}).", ""]
     probe = results.get("probe")
     if probe:
         lines += ["## Linear probe", "",

@@ -246,6 +246,24 @@ def _probe(model: TrainedModel, opts: EvalOptions, gen: torch.Generator) -> dict
             "num_test": len(test_y), "train_split": cfg.data.split, "test_split": cfg.data.eval_split}
 
 
+def _class_accuracy(model: TrainedModel, opts: EvalOptions) -> dict[str, Any] | None:
+    """A class latent's accuracy (semi-supervised runs, METHOD §7.4): argmax q(c | x) against the labels of the
+    whole held-out split; None for a model without a class latent or shards without class labels."""
+    cfg = model.cfg
+    label = load_manifest(cfg.data.shards).get("label", {"kind": "class"})
+    if model.decoder.top_family != "categorical" or label is None or label.get("kind") != "class":
+        return None
+    top, right, total = model.decoder.latent_names[0], 0, 0
+    for batch in _data_batches(cfg, cfg.data.eval_split, 1 << 62, opts.batch_size, model.device):
+        with torch.no_grad():
+            z, _ = model.encoder.sample(batch["x"], model.decoder, torch.Generator(device=model.device))
+            q_c = model.encoder.conditionals(batch["x"], z, model.decoder)[top]
+        right += int((q_c.mean().argmax(dim=1).cpu() == batch["label"]).sum())
+        total += len(batch["label"])
+    return {"accuracy": right / max(total, 1), "n": total, "split": cfg.data.eval_split,
+            "labels_per_class": cfg.data.labels_per_class}
+
+
 def _tsne(acc: Accumulators, out_png: Path, seed: int) -> np.ndarray | None:
     codes = {k: torch.cat(v).numpy() for k, v in acc.codes.items() if v}
     if len(codes) < 2:
@@ -318,6 +336,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                                  is not None else "mean squared error (mean image)",
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
         "probe": _probe(model, opts, torch.Generator(device=model.device).manual_seed(opts.seed)),
+        "class_accuracy": _class_accuracy(model, opts),
         "bits_per_dim": _bits_per_dim(model, opts),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
@@ -356,6 +375,8 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
                     diagnostics["codes"].items() if isinstance(row, dict) and "fd_to_prior" in row})
     if results["probe"] is not None:
         scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
+    if results.get("class_accuracy") is not None:
+        scalars["eval/class_accuracy"] = results["class_accuracy"]["accuracy"]
     scalars["eval/reconstruction_error"] = results["reconstruction_error"]["value"]
     bpd = results["bits_per_dim"]
     scalars.update({f"eval/{key}": bpd[key] for key in ("elbo_bpd", "iw_bpd") if bpd.get(key) is not None})

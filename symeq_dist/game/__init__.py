@@ -27,7 +27,7 @@ A game receives plain modules and returns losses and statistics; it never calls 
 from __future__ import annotations
 
 from symeq_dist.config import GameConfig
-from symeq_dist.game.base import Game, Pairs, Round, Terms, complete_data, dream, nll
+from symeq_dist.game.base import Game, Labelled, Pairs, Round, Terms, complete_data, dream, nll
 from symeq_dist.game.elbo import ElboGame, elbo_loss
 from symeq_dist.game.mi import DEAD_MI, MIMonitor
 from symeq_dist.game.symmetric import SymmetricGame, decoder_loss, encoder_loss
@@ -43,6 +43,7 @@ def build_game(cfg: GameConfig, players: Players, prior: Prior) -> Game:
 
 
 __all__ = [
-    "DEAD_MI", "GAMES", "ElboGame", "Game", "MIMonitor", "Pairs", "Round", "SymmetricGame", "Terms", "build_game",
+    "DEAD_MI", "GAMES", "ElboGame", "Game", "Labelled", "MIMonitor", "Pairs", "Round", "SymmetricGame", "Terms",
+    "build_game",
     "complete_data", "decoder_loss", "dream", "elbo_loss", "encoder_loss", "nll",
 ]

@@ -35,6 +35,16 @@ class Pairs:
 
 
 @dataclass
+class Labelled:
+    """Rows whose top (class) latent is observed (METHOD §7.4): x, the one-hot class c, and a mask (1 = observed;
+    a row with 0 is an unlabelled row)."""
+
+    x: Tensor     # (b_l, C, H, W)
+    c: Tensor     # (b_l, K) one-hot
+    mask: Tensor  # (b_l,)
+
+
+@dataclass
 class Round:
     """One micro-batch of a game: its inputs, and the pairs the losses draw (kept for the monitors).
 
@@ -47,6 +57,8 @@ class Round:
     gens: dict[str, torch.Generator]
     wake: Pairs | None = None                   # data completed by the encoder
     dreams: Pairs | None = None                 # samples of the decoder
+    labelled: Labelled | None = None            # semi-supervised runs: rows with an observed class
+    labelled_wake: Pairs | None = None          # those rows completed by the encoder, the class clamped
 
 
 class Game(Protocol):
@@ -71,6 +83,14 @@ def complete_data(encoder: nn.Module, decoder: nn.Module, x: Tensor, generator: 
     """Wake pairs: data x completed with z ~ q_phi(z|x) (ancestral, detached)."""
     z, dists = encoder.sample(x, decoder, generator)
     return Pairs(x=x, z=z, dists=dists)
+
+
+@torch.no_grad()
+def complete_labelled(encoder: nn.Module, decoder: nn.Module, rows: Labelled, generator: torch.Generator) -> Pairs:
+    """Labelled wake pairs: the top latent clamped to the label where observed, the rest z ~ q_phi (detached)."""
+    top = decoder.latent_names[0]
+    z, dists = encoder.sample(rows.x, decoder, generator, observed={top: rows.c, f"{top}_mask": rows.mask})
+    return Pairs(x=rows.x, z=z, dists=dists)
 
 
 @torch.no_grad()

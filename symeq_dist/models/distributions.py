@@ -238,4 +238,23 @@ class Categorical(Distribution):
             return -(p_bar * p_bar.log()).sum(dim=-1) - entropy.mean(dim=0)
 
 
-__all__ = ["HALF_LOG_2PI", "PROB_EPS", "Bernoulli", "Categorical", "Distribution", "Gaussian"]
+class OneHotCategorical(Categorical):
+    """One K-way categorical per sample with logits (B, K); values are one-hot float rows (B, K), the form a
+    network takes as input (a class latent, METHOD §7.4). Same log-likelihood, KL and MI as `Categorical`."""
+
+    def __init__(self, logits: Tensor) -> None:
+        if logits.dim() != 2:
+            raise ValueError(f"OneHotCategorical takes logits (B, K), got {tuple(logits.shape)}")
+        super().__init__(logits, dim=1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        return F.one_hot(super().sample(generator), self.logits.shape[1]).to(self.logits.dtype)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return (self._log_probs() * value.float()).sum(dim=1)
+
+    def mode(self) -> Tensor:
+        return F.one_hot(self.logits.argmax(dim=1), self.logits.shape[1]).to(self.logits.dtype)
+
+
+__all__ = ["HALF_LOG_2PI", "PROB_EPS", "Bernoulli", "Categorical", "Distribution", "Gaussian", "OneHotCategorical"]

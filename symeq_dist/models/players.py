@@ -132,17 +132,20 @@ class Encoder(OpModule):
     analytic_kl: bool
 
     def sample(self, x: Tensor, decoder: Decoder, generator: torch.Generator | None = None,
-               reparam: bool = False) -> Sample:
+               reparam: bool = False, observed: Latents | None = None) -> Sample:
         """Ancestral pass through the encoder factorisation, x float (B, C, H, W).
 
         reparam=False: plain sampling (callers wrap it in no_grad); decoder terms are computed under
         no_grad. reparam=True (ELBO): rsample (Gaussian / ZGR) at every layer and decoder terms keep
-        their graph, so theta gets gradients through the shared top-down path.
+        their graph, so theta gets gradients through the shared top-down path. `observed` (families with a
+        class latent): {"c": values, "c_mask": (B,) 1 where observed}: those rows keep their values.
 
         Returns:
             z for every latent and the q-distributions used, both keyed by latent name.
         """
-        return self.call("sample", x, decoder, generator=generator, reparam=reparam)
+        if observed is None:
+            return self.call("sample", x, decoder, generator=generator, reparam=reparam)
+        return self.call("sample", x, decoder, generator=generator, reparam=reparam, observed=observed)
 
     def conditionals(self, x: Tensor, z: Latents, decoder: Decoder) -> dict[str, Distribution]:
         """Teacher-forced q-factors given complete (x, z); decoder terms under no_grad (METHOD §7.2)."""

@@ -16,7 +16,7 @@ import torch
 from symeq_dist.config import ConfigError, PriorConfig
 from symeq_dist.models.distributions import Distribution
 from symeq_dist.models.players import Decoder
-from symeq_dist.priors.closed_form import StandardGaussian, UniformBits
+from symeq_dist.priors.closed_form import StandardGaussian, UniformBits, UniformClasses
 from symeq_dist.priors.implicit import ModelPrior, ShardPrior, StreamSpec
 
 
@@ -37,8 +37,9 @@ class Prior(Protocol):
     def distribution(self, n: int, device: torch.device) -> Distribution: ...
 
 
-PRIORS: dict[str, type] = {"standard_gaussian": StandardGaussian, "uniform_bits": UniformBits}
-_AUTO = {"gaussian": "standard_gaussian", "bernoulli": "uniform_bits"}
+PRIORS: dict[str, type] = {"standard_gaussian": StandardGaussian, "uniform_bits": UniformBits,
+                           "uniform_classes": UniformClasses}
+_AUTO = {"gaussian": "standard_gaussian", "bernoulli": "uniform_bits", "categorical": "uniform_classes"}
 
 
 def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | None = None,
@@ -75,4 +76,4 @@ def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | No
 
 
 __all__ = ["PRIORS", "ModelPrior", "Prior", "ShardPrior", "StandardGaussian", "StreamSpec", "UniformBits",
-           "build_prior"]
+           "UniformClasses", "build_prior"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
+from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian, OneHotCategorical
 
 
 class UniformBits:
@@ -45,3 +45,22 @@ class StandardGaussian:
     def distribution(self, n: int, device: torch.device) -> Distribution:
         zeros = torch.zeros(n, *self.shape, device=device)
         return Gaussian(zeros, zeros)
+
+
+class UniformClasses:
+    """pi(c) = uniform over K classes, as one-hot rows (a class latent, METHOD §7.4)."""
+
+    family = "categorical"
+    has_density = True
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        classes = torch.randint(0, self.shape[0], (n,), generator=generator, device=device)
+        return torch.nn.functional.one_hot(classes, self.shape[0]).float()
+
+    next_codes = sample
+
+    def distribution(self, n: int, device: torch.device) -> Distribution:
+        return OneHotCategorical(torch.zeros(n, *self.shape, device=device))

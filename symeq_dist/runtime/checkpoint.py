@@ -200,7 +200,8 @@ def reshard_rank_states(old: list[dict[str, Any]], *, rank: int, world_size: int
     prior = first.get("prior")
     prior = {**prior, "skipped": 0} if prior and "batches" in prior else None
     return {"train": first["train"], "stream": {**first["stream"], "skipped": skipped},
-            "chain": chains[rows].clone(), "mi": first["mi"], "gens": None, "torch_rng": None, "prior": prior}
+            "chain": chains[rows].clone(), "mi": first["mi"], "gens": None, "torch_rng": None, "prior": prior,
+            "labelled": None}  # the labelled draws restart from (seed, new rank)
 
 
 def _load_resharded(target: Path, engines: Engines, info: DistInfo, old_world: int) -> dict[str, str]:

@@ -47,7 +47,8 @@ from torch import Tensor
 from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import add_noise, to_float
-from symeq_dist.game import Game, MIMonitor, Round, Terms
+from symeq_dist.data.labelled import LabelledPool
+from symeq_dist.game import Game, Labelled, MIMonitor, Round, Terms
 from symeq_dist.models import Players
 from symeq_dist.priors import Prior
 from symeq_dist.runtime import checkpoint
@@ -69,10 +70,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, info: DistInfo, *, players: Players, game: Game, engines: Engines,
                  prior: Prior, stream: Any, eval_images: Tensor, monitor: Monitor,
-                 faults: FaultPlan | None = None) -> None:
+                 faults: FaultPlan | None = None, labelled: LabelledPool | None = None) -> None:
         self.cfg, self.info, self.players, self.game = cfg, info, players, game
         self.engines, self.prior, self.stream, self.monitor = engines, prior, stream, monitor
         self.eval_images = eval_images                      # (num_grid, C, H, W) uint8, held-out
+        self.labelled = labelled                            # semi-supervised runs: rows with observed classes
         self.micro = cfg.micro_batch_size(info.world_size)
         self.state = TrainState()
         self.gens = make_generators(cfg.seed, info.rank, info.device)
@@ -106,6 +108,7 @@ class Trainer:
         prior = getattr(self.prior, "state_dict", None)  # streamed or buffered priors (priors/implicit.py)
         return {"train": asdict(self.state), "stream": self.stream.state_dict(), "chain": self.chain.cpu(),
                 "prior": None if prior is None else prior(),
+                "labelled": None if self.labelled is None else self.labelled.state_dict(),
                 "mi": self.mi.state_dict(), "gens": {k: g.get_state() for k, g in self.gens.items()},
                 "torch_rng": torch.get_rng_state()}
 
@@ -117,6 +120,8 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         if hasattr(self.prior, "load_state_dict"):
             self.prior.load_state_dict(state.get("prior"), self.info.device)
+        if self.labelled is not None:
+            self.labelled.load_state_dict(state.get("labelled"), step=self.state.step)
         self.chain = state["chain"].to(self.info.device)
         self.mi.load_state_dict(state["mi"], self.info.device)
         if state["gens"] is None:  # resumed on another number of ranks: fresh per-rank streams (docs/resume.md)
@@ -232,8 +237,16 @@ class Trainer:
                     self.mi.update(player, dists)
         return True
 
+    def _next_labelled(self) -> Labelled | None:
+        if self.labelled is None:
+            return None
+        rows = self.labelled.draw(self.cfg.labelled_micro_batch_size(self.info.world_size))
+        device = self.info.device
+        return Labelled(x=self._float(rows["image"].to(device)), c=rows["c"].to(device),
+                        mask=rows["c_mask"].to(device))
+
     def _iteration(self) -> None:
-        rounds = [Round(x=self._next_x(), num_dreams=self.micro, gens=self.gens)
+        rounds = [Round(x=self._next_x(), num_dreams=self.micro, gens=self.gens, labelled=self._next_labelled())
                   for _ in range(self.cfg.train.grad_accumulation)]
         if not self._play(rounds):
             self._skip()

@@ -1,0 +1,137 @@
+"""Structured latents (issue 14), the semi-supervised part: a class latent observed for the labelled rows.
+
+Real parts: the class_mlp players, the symmetric game's losses with real gradients, the labelled pool read from
+the real MNIST shards, and trainer runs with DeepSpeed engines (resume compared bitwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from symeq_dist.api import train as run_training
+from symeq_dist.config import ConfigError, PriorConfig, load_config, model_config
+from symeq_dist.data.labelled import LabelledPool
+from symeq_dist.game import Labelled, Round
+from symeq_dist.game.symmetric import SymmetricGame
+from symeq_dist.models import build_players
+from symeq_dist.models.distributions import Categorical, OneHotCategorical
+from symeq_dist.priors import build_prior
+from tests.conftest import tiny_overrides
+
+K = 10
+
+
+def _players():
+    torch.manual_seed(0)
+    return build_players(model_config("class_mlp", hidden=32, num_latents=4))
+
+
+def _rows(n: int = 6, mask: float = 1.0) -> Labelled:
+    x = (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    return Labelled(x=x, c=F.one_hot(torch.arange(n) % K, K).float(), mask=torch.full((n,), mask))
+
+
+def test_one_hot_categorical_matches_categorical() -> None:
+    logits = torch.randn(5, K, generator=torch.Generator().manual_seed(0))
+    one_hot, plain = OneHotCategorical(logits), Categorical(logits)
+    values = torch.tensor([0, 3, 9, 2, 2])
+    assert torch.allclose(one_hot.log_prob(F.one_hot(values, K).float()), plain.log_prob(values))
+    draws = one_hot.sample(torch.Generator().manual_seed(2))
+    assert draws.shape == (5, K) and torch.equal(draws.sum(1), torch.ones(5))
+    assert torch.equal(draws.argmax(1), plain.sample(torch.Generator().manual_seed(2)))
+    assert torch.equal(one_hot.mode().argmax(1), logits.argmax(1))
+
+
+def test_a_masked_out_label_makes_its_row_an_unlabelled_row() -> None:
+    encoder, decoder = _players()
+    rows = _rows(mask=0.0)
+    z_free, _ = encoder.sample(rows.x, decoder, torch.Generator().manual_seed(5))
+    z_masked, _ = encoder.sample(rows.x, decoder, torch.Generator().manual_seed(5),
+                                 observed={"c": rows.c, "c_mask": rows.mask})
+    assert all(torch.equal(z_free[k], z_masked[k]) for k in z_free)
+    z_clamped, _ = encoder.sample(rows.x, decoder, torch.Generator().manual_seed(5),
+                                  observed={"c": rows.c, "c_mask": torch.ones(len(rows.mask))})
+    assert torch.equal(z_clamped["c"], rows.c) and not torch.equal(z_clamped["c"], z_free["c"])
+    # in the game: labelled rows that are all masked out add exactly the decoder loss of those rows as data
+    game = SymmetricGame(_players_pair(encoder, decoder), build_prior(PriorConfig(), decoder))
+    plain = game.decoder_loss(Round(x=rows.x, num_dreams=6, gens={"wake": torch.Generator().manual_seed(7)}))
+    both = game.decoder_loss(Round(x=rows.x, num_dreams=6, gens={"wake": torch.Generator().manual_seed(7)},
+                                   labelled=rows))
+    again = game.decoder_loss(Round(x=rows.x, num_dreams=6, gens={"wake": torch.Generator().manual_seed(7)}))
+    assert torch.equal(plain.loss, again.loss)
+    wake_gen = torch.Generator().manual_seed(7)
+    game.decoder_loss(Round(x=rows.x, num_dreams=6, gens={"wake": wake_gen}))  # the wake draws come first
+    second = game.decoder_loss(Round(x=rows.x, num_dreams=6, gens={"wake": wake_gen}))  # then the same rows again
+    assert torch.allclose(both.loss, plain.loss + second.loss)
+    enc = game.encoder_loss(Round(x=rows.x, num_dreams=6, gens={"dream": torch.Generator().manual_seed(8)},
+                                  labelled=rows, labelled_wake=None))
+    assert "supervised/loss" not in enc.stats  # no labelled completion this round: no supervised term
+
+
+def _players_pair(encoder, decoder):
+    from symeq_dist.models.players import Players
+
+    return Players(encoder=encoder, decoder=decoder)
+
+
+def test_clamped_classes_train_the_decoder_and_the_encoders_class_head_only_through_the_supervised_term() -> None:
+    encoder, decoder = _players()
+    game = SymmetricGame(_players_pair(encoder, decoder), build_prior(PriorConfig(), decoder))
+    rnd = Round(x=_rows().x, num_dreams=6, gens={"wake": torch.Generator().manual_seed(1),
+                                                 "dream": torch.Generator().manual_seed(2)}, labelled=_rows())
+    game.decoder_loss(rnd).loss.backward()
+    assert all(p.grad is None for p in encoder.parameters()), "the decoder's loss reached the encoder"
+    assert all(p.grad is not None for p in decoder.parameters())
+    decoder.zero_grad(set_to_none=True)
+    terms = game.encoder_loss(rnd)
+    assert "supervised/loss" in terms.stats and terms.stats["supervised/loss"] > 0
+    terms.loss.backward()
+    assert all(p.grad is None for p in decoder.parameters()), "the encoder's loss reached the decoder"
+    assert encoder.class_head.weight.grad.abs().sum() > 0
+    # the supervised term alone: -log q(c | x) of the labels, mean over the observed rows
+    encoder.zero_grad(set_to_none=True)
+    q_c = encoder.conditionals(rnd.labelled.x, rnd.labelled_wake.z, decoder)["c"]
+    expected = -q_c.log_prob(rnd.labelled.c).mean()
+    assert torch.allclose(terms.stats["supervised/loss"], expected.detach())
+
+
+def test_the_labelled_pool_is_the_same_on_every_rank_draws_equally_and_resumes(mnist_shards: Path) -> None:
+    pools = [LabelledPool(mnist_shards, "train", per_class=10, seed=3, rank=r) for r in (0, 1)]
+    assert pools[0].counts == [10] * K and len(pools[0]) == 100
+    assert torch.equal(pools[0].images, pools[1].images) and torch.equal(pools[0].labels, pools[1].labels)
+    other_seed = LabelledPool(mnist_shards, "train", per_class=10, seed=4, rank=0)
+    assert not torch.equal(other_seed.images, pools[0].images)  # the seed picks the pool
+    a, b = pools[0].draw(16), pools[1].draw(16)
+    assert a["image"].shape == b["image"].shape == (16, 1, 28, 28) and not torch.equal(a["label"], b["label"])
+    assert torch.equal(a["c"].argmax(1), a["label"]) and torch.equal(a["c_mask"], torch.ones(16))
+    state = pools[0].state_dict()
+    ahead = [pools[0].draw(16)["label"] for _ in range(3)]
+    resumed = LabelledPool(mnist_shards, "train", per_class=10, seed=3, rank=0)
+    resumed.load_state_dict(state, step=1)
+    assert all(torch.equal(x, resumed.draw(16)["label"]) for x in ahead)
+    everything = LabelledPool(mnist_shards, "train", per_class=-1, seed=3, rank=0)
+    assert len(everything) == 4500
+
+
+def test_a_semi_supervised_run_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path: Path,
+                                                                           mnist_shards: Path) -> None:
+    extra = ("model.kind=class_mlp", "model.hidden=32", "model.num_latents=4", "data.labels_per_class=5",
+             "data.labelled_batch_size=8", "checkpoint.every=3", "monitor.image_every=100")
+    run_training(load_config(None, tiny_overrides(tmp_path / "full", mnist_shards, *extra, "train.steps=6")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=3")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=6",
+                                                  "resume=true")))
+    full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "weights.pt", weights_only=True)
+                     for d in ("full", "cut"))
+    for name in ("encoder", "decoder"):
+        assert all(torch.equal(v, resumed[name][k]) for k, v in full[name].items()), name
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
+    assert state["labelled"]["size"] == 50
+    with pytest.raises(ConfigError, match=r"elbo is not built for model\.kind=class_mlp"):
+        load_config(None, tiny_overrides(tmp_path / "e", mnist_shards, *extra, "game.kind=elbo"))
+    with pytest.raises(ConfigError, match=r"data\.labels_per_class: .*model\.kind=mlp"):
+        load_config(None, tiny_overrides(tmp_path / "m", mnist_shards, "data.labels_per_class=5"))
