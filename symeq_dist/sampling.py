@@ -40,6 +40,17 @@ def random_code(decoder: nn.Module, prior: Prior, num: int, generator: torch.Gen
 
 
 @torch.no_grad()
+def class_conditional(decoder: nn.Module, per_class: int, generator: torch.Generator, device: torch.device,
+                      output: str = "auto") -> Tensor:
+    """x ~ p(x | c) for every class c of a class latent (the decoder's categorical top), `per_class` each, class
+    by class: (K * per_class, C, H, W), one grid row per class with per_class columns (METHOD §7.4)."""
+    num_classes = decoder.latent_shapes[decoder.latent_names[0]][0]
+    classes = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    z, _, _ = decoder.sample(torch.nn.functional.one_hot(classes, num_classes).float(), generator)
+    return output_image(decoder.x_dist(z), output)
+
+
+@torch.no_grad()
 def init_chain(kind: str, *, decoder: nn.Module, prior: Prior, num: int, generator: torch.Generator,
                device: torch.device, image_shape: tuple[int, ...], data: Tensor | None = None) -> Tensor:
     """Chain start: a full decoder sample (random_code), uniform noise, or the given data batch."""

@@ -27,8 +27,9 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return array.transpose(0, 2, 3, 1)
 
 
-def write_samples(chunks: Iterable[Tensor], out: Path, fmt: str) -> int:
-    """Write the images of `chunks` ((n, C, H, W) each) to `out` in format `fmt`; returns how many.
+def write_samples(chunks: Iterable[Tensor], out: Path, fmt: str, nrow: int | None = None) -> int:
+    """Write the images of `chunks` ((n, C, H, W) each) to `out` in format `fmt`; returns how many. `nrow`: images
+    per grid row (default: a square grid).
 
     Raises:
         InputError: an unknown format, or an output path that does not fit it (an .npz needs a file name
@@ -55,7 +56,7 @@ def write_samples(chunks: Iterable[Tensor], out: Path, fmt: str) -> int:
     if fmt == "grid":
         import torch
 
-        save_png(make_grid(torch.cat(parts)), out)
+        save_png(make_grid(torch.cat(parts), nrow=nrow), out)
     elif fmt == "npz":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.stem + ".tmp.npz")

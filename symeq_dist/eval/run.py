@@ -30,6 +30,7 @@ from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
 from symeq_dist.eval.diagnostics import Diagnostics
+from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
@@ -340,6 +341,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "bits_per_dim": _bits_per_dim(model, opts),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
+    if results["class_accuracy"] is not None:  # x ~ p(x | c), one row per class
+        gen_classes = torch.Generator(device=model.device).manual_seed(opts.seed)
+        images = sampling.class_conditional(model.decoder, 10, gen_classes, model.device)
+        write_samples([images], out_dir / "classes.png", "grid", nrow=10)
+        results["figures"]["classes"] = "classes.png"
     write_report(out_dir, results)
     if opts.prior is None:  # another prior's report stays beside the run's own
         _mirror(out_dir, opts.run_dir / "eval")
@@ -349,7 +355,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 
 def _mirror(step_dir: Path, eval_dir: Path) -> None:
     """Copy a step's report files to <run_dir>/eval/ (each by atomic rename): the most recent evaluation."""
-    for name in ("report.json", "report.md", "tsne.png"):
+    for name in ("report.json", "report.md", "tsne.png", "classes.png"):
         source, tmp = step_dir / name, eval_dir / f".{name}.tmp"
         if source.is_file():
             shutil.copyfile(source, tmp)
