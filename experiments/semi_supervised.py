@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _steps import Steps
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (10, 100, -1)
@@ -35,21 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
-
-    def step(name: str, done: Path, *argv: str) -> None:
-        if done.exists():
-            return
-        start = time.time()
-        with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run([sys.executable, "-m", "symeq_dist.cli", *argv], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            sys.exit(f"{name} failed ({code}); see {out / (name + '.log')}")
-        times[name] = round(time.time() - start, 1)
-        (out / "times.json").write_text(json.dumps(times, indent=1))
-        print(f"{name}: {times[name]:.0f} s", flush=True)
+    step = Steps(out)
+    times = step.times
 
     rows = []
     for data in args.sets:

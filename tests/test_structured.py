@@ -135,3 +135,34 @@ def test_a_semi_supervised_run_resumes_exactly_and_refuses_what_it_cannot_do(tmp
         load_config(None, tiny_overrides(tmp_path / "e", mnist_shards, *extra, "game.kind=elbo"))
     with pytest.raises(ConfigError, match=r"data\.labels_per_class: .*model\.kind=mlp"):
         load_config(None, tiny_overrides(tmp_path / "m", mnist_shards, "data.labels_per_class=5"))
+
+
+def test_eval_reports_the_class_accuracy_and_a_grid_per_class(tmp_path: Path, mnist_shards: Path) -> None:
+    from symeq_dist.api import evaluate
+    from symeq_dist.data import build_eval_batches, to_float
+    from symeq_dist.eval.features.classifier import train_classifier
+    from symeq_dist.eval.model import load_trained
+    from symeq_dist.eval.options import EvalOptions
+    from symeq_dist.sampling import class_conditional
+
+    run = tmp_path / "run"
+    run_training(load_config(None, tiny_overrides(run, mnist_shards, "model.kind=class_mlp", "model.hidden=32",
+                                                  "model.num_latents=4", "data.labels_per_class=5",
+                                                  "data.labelled_batch_size=8", "train.steps=3")))
+    features = tmp_path / "clf.pt"
+    train_classifier(mnist_shards, features, epochs=1, seed=0, progress=False)
+    report = evaluate(EvalOptions(run_dir=run, n=40, chain_steps=2, batch_size=20, tsne_points=20, progress=False,
+                                  features=features))
+    accuracy = report["class_accuracy"]
+    assert accuracy["n"] == 500 and accuracy["split"] == "valid" and accuracy["labels_per_class"] == 5
+    model = load_trained(run)
+    right = 0
+    for batch in build_eval_batches(model.cfg.data, split="valid", batch_size=100):
+        x = to_float(batch["image"], model.cfg.data)
+        with torch.no_grad():
+            logits = model.encoder.class_head(model.encoder.trunk(x))
+        right += int((logits.argmax(1) == batch["label"]).sum())
+    assert accuracy["accuracy"] == right / 500  # argmax q(c | x), computed here by hand
+    assert (run / "eval" / "classes.png").is_file() and report["figures"]["classes"] == "classes.png"
+    images = class_conditional(model.decoder, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert images.shape == (30, 1, 28, 28)

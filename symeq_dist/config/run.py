@@ -52,21 +52,18 @@ class RunConfig:
 
     def micro_batch_size(self, world_size: int) -> int:
         """Per-rank micro batch; raises if the global batch does not split evenly."""
-        denom = world_size * self.train.grad_accumulation
-        if self.train.batch_size % denom:
-            raise ConfigError(f"train.batch_size: {self.train.batch_size} is not divisible by world size "
-                              f"{world_size} x train.grad_accumulation {self.train.grad_accumulation}; "
-                              f"choose a multiple of {denom}")
-        return self.train.batch_size // denom
+        return self._per_micro_batch("train.batch_size", self.train.batch_size, world_size)
 
     def labelled_micro_batch_size(self, world_size: int) -> int:
         """Labelled rows per rank and micro-batch (semi-supervised runs); raises if they do not split evenly."""
+        return self._per_micro_batch("data.labelled_batch_size", self.data.labelled_batch_size, world_size)
+
+    def _per_micro_batch(self, key: str, total: int, world_size: int) -> int:
         denom = world_size * self.train.grad_accumulation
-        if self.data.labelled_batch_size % denom:
-            raise ConfigError(f"data.labelled_batch_size: {self.data.labelled_batch_size} is not divisible by world "
-                              f"size {world_size} x train.grad_accumulation {self.train.grad_accumulation}; choose a "
-                              f"multiple of {denom}")
-        return self.data.labelled_batch_size // denom
+        if total % denom:
+            raise ConfigError(f"{key}: {total} is not divisible by world size {world_size} x "
+                              f"train.grad_accumulation {self.train.grad_accumulation}; choose a multiple of {denom}")
+        return total // denom
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
