@@ -164,5 +164,6 @@ def test_eval_reports_the_class_accuracy_and_a_grid_per_class(tmp_path: Path, mn
         right += int((logits.argmax(1) == batch["label"]).sum())
     assert accuracy["accuracy"] == right / 500  # argmax q(c | x), computed here by hand
     assert (run / "eval" / "classes.png").is_file() and report["figures"]["classes"] == "classes.png"
+    assert (run / "eval" / "tsne_classes.png").is_file() and "figures" not in accuracy
     images = class_conditional(model.decoder, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert images.shape == (30, 1, 28, 28)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from symeq_dist import sampling
 from symeq_dist.config import RunConfig
 from symeq_dist.data import build_eval_batches, load_manifest, to_float
+from symeq_dist.eval.classes import class_report
 from symeq_dist.eval.diagnostics import Diagnostics
-from symeq_dist.eval.export import write_samples
 from symeq_dist.eval.features import FeatureExtractor
 from symeq_dist.eval.figures import tsne_figure
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
@@ -247,24 +247,6 @@ def _probe(model: TrainedModel, opts: EvalOptions, gen: torch.Generator) -> dict
             "num_test": len(test_y), "train_split": cfg.data.split, "test_split": cfg.data.eval_split}
 
 
-def _class_accuracy(model: TrainedModel, opts: EvalOptions) -> dict[str, Any] | None:
-    """A class latent's accuracy (semi-supervised runs, METHOD §7.4): argmax q(c | x) against the labels of the
-    whole held-out split; None for a model without a class latent or shards without class labels."""
-    cfg = model.cfg
-    label = load_manifest(cfg.data.shards).get("label", {"kind": "class"})
-    if model.decoder.top_family != "categorical" or label is None or label.get("kind") != "class":
-        return None
-    top, right, total = model.decoder.latent_names[0], 0, 0
-    for batch in _data_batches(cfg, cfg.data.eval_split, 1 << 62, opts.batch_size, model.device):
-        with torch.no_grad():
-            z, _ = model.encoder.sample(batch["x"], model.decoder, torch.Generator(device=model.device))
-            q_c = model.encoder.conditionals(batch["x"], z, model.decoder)[top]
-        right += int((q_c.mean().argmax(dim=1).cpu() == batch["label"]).sum())
-        total += len(batch["label"])
-    return {"accuracy": right / max(total, 1), "n": total, "split": cfg.data.eval_split,
-            "labels_per_class": cfg.data.labels_per_class}
-
-
 def _tsne(acc: Accumulators, out_png: Path, seed: int) -> np.ndarray | None:
     codes = {k: torch.cat(v).numpy() for k, v in acc.codes.items() if v}
     if len(codes) < 2:
@@ -324,6 +306,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     out_dir = opts.run_dir / "eval" / (f"step_{model.step:08d}" + (f"-prior-{opts.prior.name}" if opts.prior else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     tsne_image = _tsne(acc, out_dir / "tsne.png", opts.seed)
+    classes = class_report(model, opts, out_dir)
     results = {
         "run_dir": str(opts.run_dir), "step": model.step, "ema_weights": model.ema, "seed": opts.seed, "n": opts.n,
         "chain_steps": lengths[-1], "chain_lengths": list(lengths), "game": model.cfg.game.kind,
@@ -337,15 +320,12 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                                  is not None else "mean squared error (mean image)",
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
         "probe": _probe(model, opts, torch.Generator(device=model.device).manual_seed(opts.seed)),
-        "class_accuracy": _class_accuracy(model, opts),
+        "class_accuracy": classes,
         "bits_per_dim": _bits_per_dim(model, opts),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
-    if results["class_accuracy"] is not None:  # x ~ p(x | c), one row per class
-        gen_classes = torch.Generator(device=model.device).manual_seed(opts.seed)
-        images = sampling.class_conditional(model.decoder, 10, gen_classes, model.device)
-        write_samples([images], out_dir / "classes.png", "grid", nrow=10)
-        results["figures"]["classes"] = "classes.png"
+    if classes is not None:
+        results["figures"].update(classes.pop("figures"))
     write_report(out_dir, results)
     if opts.prior is None:  # another prior's report stays beside the run's own
         _mirror(out_dir, opts.run_dir / "eval")
@@ -355,7 +335,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 
 def _mirror(step_dir: Path, eval_dir: Path) -> None:
     """Copy a step's report files to <run_dir>/eval/ (each by atomic rename): the most recent evaluation."""
-    for name in ("report.json", "report.md", "tsne.png", "classes.png"):
+    for name in ("report.json", "report.md", "tsne.png", "classes.png", "tsne_classes.png"):
         source, tmp = step_dir / name, eval_dir / f".{name}.tmp"
         if source.is_file():
             shutil.copyfile(source, tmp)
