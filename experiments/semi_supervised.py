@@ -1,7 +1,7 @@
 """docs/structured.md, the semi-supervised table: configs/mnist_semi.yaml with 10, 100 and all labels per class on
 MNIST-5k and on Fashion-MNIST, symmetric game, each run evaluated by `symeq eval RUN --n N --chain-steps 100`
 (accuracy of argmax q(c|x) on the held-out split, FD-clf of random-code and chain samples, the class-conditional
-grid eval/classes.png). Finished steps are skipped when rerun.
+grid eval/classes.png and the class-coloured t-SNE eval/tsne_classes.png). Finished steps are skipped when rerun.
 
     .venv/bin/python experiments/semi_supervised.py [--out runs/semi] [--steps 6000] [--n 2000] [--sets mnist ...]
 
@@ -55,7 +55,9 @@ def main() -> None:
                          fd["random_code"], fd["limiting_chain"], times.get(name, float("nan"))))
             grids = args.docs / "structured"
             grids.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run / "eval" / "classes.png", grids / f"classes_{name}.png")
+            for figure in ("classes", "tsne_classes"):
+                if (run / "eval" / f"{figure}.png").is_file():
+                    shutil.copyfile(run / "eval" / f"{figure}.png", grids / f"{figure}_{name}.png")
     lines = ["| data | labels per class | accuracy of argmax q(c\\|x) | held-out images | FD-clf random code | "
              "FD-clf chain 100 | training wall time, s |", "|---|---|---|---|---|---|---|"]
     for data, budget, acc, n, fd_random, fd_chain, wall in rows:
