@@ -167,3 +167,22 @@ def test_eval_reports_the_class_accuracy_and_a_grid_per_class(tmp_path: Path, mn
     assert (run / "eval" / "tsne_classes.png").is_file() and "figures" not in accuracy
     images = class_conditional(model.decoder, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert images.shape == (30, 1, 28, 28)
+
+
+def test_miou_and_pixel_accuracy_match_a_hand_computed_example() -> None:
+    """3 classes; target and prediction of 2 maps of 2x3 pixels (12 pixels). The (target, predicted) pairs:
+    map 1 (0,0) (0,0) (1,1) (1,0) (2,2) (2,2); map 2 (0,0) (0,1) (1,1) (2,2) (2,1) (0,1). By hand:
+    class 0: TP 3, FP 1, FN 2 -> IoU 3/6; class 1: TP 2, FP 3, FN 1 -> 2/6; class 2: TP 3, FP 0, FN 1 -> 3/4.
+    mIoU = (1/2 + 1/3 + 3/4) / 3; pixel accuracy 8/12. A 4th class that never occurs stays out of the mean."""
+    from symeq_dist.eval.segmentation import Confusion
+
+    target = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[0, 0, 1], [2, 2, 0]]])
+    predicted = torch.tensor([[[0, 0, 1], [0, 2, 2]], [[0, 1, 1], [2, 1, 1]]])
+    conf = Confusion(4)
+    conf.update(predicted[:1], target[:1])
+    conf.update(predicted[1:], target[1:])  # accumulated over batches
+    assert conf.pixel_accuracy() == pytest.approx(8 / 12)
+    assert conf.iou()[:3].tolist() == pytest.approx([3 / 6, 2 / 6, 3 / 4]) and torch.isnan(conf.iou()[3])
+    assert conf.mean_iou() == pytest.approx((1 / 2 + 1 / 3 + 3 / 4) / 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        conf.update(predicted, target[:1])
