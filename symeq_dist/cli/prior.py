@@ -34,17 +34,15 @@ def add_prior_parser(sub: argparse._SubParsersAction) -> None:
     codes.add_argument("--out", type=Path, required=True, help="the latent shard set to write")
     codes.add_argument("--split", default=None, help="comma-separated splits (default: the run's data.split and "
                        "data.eval_split, e.g. train,valid)")
-    codes.add_argument("--seed", type=int, default=0)
-    codes.add_argument("--trained-weights", action="store_true", help="the trained weights, not the averages")
-    codes.add_argument("--samples-per-shard", type=int, default=10000)
+    _seed_and_weights(codes)
+    codes.add_argument("--samples-per-shard", type=int, default=10000, help="codes per tar (default 10000)")
     sample = cmds.add_parser("sample", help="write a prior run's samples as latent shards (prior.kind=shards)")
     sample.add_argument("run_dir", type=Path, help="a `symeq prior train` run")
     sample.add_argument("--n", type=int, default=10000, dest="num")
     sample.add_argument("--out", type=Path, required=True)
     sample.add_argument("--split", default="train", help="the split name the samples are written as")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--trained-weights", action="store_true", help="the trained weights, not the averages")
-    sample.add_argument("--samples-per-shard", type=int, default=10000)
+    _seed_and_weights(sample)
+    sample.add_argument("--samples-per-shard", type=int, default=10000, help="codes per tar (default 10000)")
     evaluate = cmds.add_parser("eval", help="how close a prior's samples are to held-out codes",
                                description="Fréchet distance in code space and per-dimension moments of the "
                                            "prior's samples against held-out codes, beside the closed-form prior "
@@ -53,11 +51,15 @@ def add_prior_parser(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--codes", type=Path, default=None, help="latent shard set (default: the run's data.shards)")
     evaluate.add_argument("--split", default=None, help="held-out split (default: the run's data.eval_split)")
     evaluate.add_argument("--n", type=int, default=5000, dest="num", help="samples and held-out codes compared")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--trained-weights", action="store_true", help="the trained weights, not the averages")
+    _seed_and_weights(evaluate)
     evaluate.add_argument("--sample-steps", type=int, default=0,
                           help="diffusion priors: DDIM steps per draw (default: the run's model.sample_steps)")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the report here")
+
+
+def _seed_and_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trained-weights", action="store_true", help="the trained weights, not the averages")
 
 
 def run_prior(args: argparse.Namespace, argv: list[str]) -> None:

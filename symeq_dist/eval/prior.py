@@ -26,7 +26,7 @@ from symeq_dist.data.transforms import to_float
 from symeq_dist.errors import InputError
 from symeq_dist.eval.frechet import GaussianStats, frechet_distance_stats
 from symeq_dist.priors.closed_form import StandardGaussian, UniformBits
-from symeq_dist.priors.trainer import draw_codes, load_prior
+from symeq_dist.priors.trainer import draw_codes, first_codes, load_prior
 
 
 @torch.no_grad()
@@ -51,20 +51,6 @@ def encode_split(model: Any, split: str, *, seed: int, batch_size: int = 500) ->
     return np.concatenate(out)
 
 
-def held_out_codes(shards: Path, split: str, num: int) -> np.ndarray:
-    """The first `num` codes of `split` of a latent shard set."""
-    manifest = load_manifest(shards)
-    if split not in manifest["splits"]:
-        raise InputError(f"{shards} has no split {split!r} (it has {sorted(manifest['splits'])}); pass --split")
-    chunks, count = [], 0
-    for batch in iter_eval_batches(shards, manifest, split=split, batch_size=1000):
-        chunks.append(batch["code"].numpy())
-        count += len(chunks[-1])
-        if count >= num:
-            break
-    return np.concatenate(chunks)[:num]
-
-
 def compare(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Fréchet distance of the flattened codes and the mean absolute errors of the per-dimension moments."""
     a, b = (rows.reshape(len(rows), -1).astype(np.float64) for rows in (samples, reference))
@@ -82,20 +68,15 @@ def evaluate(run_dir: Path, *, codes: Path | None, split: str | None, num: int, 
              ema: bool, sample_steps: int = 0) -> dict[str, Any]:
     """`symeq prior eval`: the prior's samples, the closed-form prior's and as many training codes (the prior the
     stored codes themselves are, prior.kind=shards), each against `num` held-out codes."""
-    prior = load_prior(run_dir, ema=ema)
-    if sample_steps:
-        if not hasattr(prior.model, "sample_steps"):
-            raise InputError(f"--sample-steps: {run_dir} is a {prior.cfg.model.kind} prior, which has no sampling "
-                             "steps")
-        prior.model.sample_steps = sample_steps
+    prior = load_prior(run_dir, ema=ema, sample_steps=sample_steps)
     shards = Path(codes or prior.cfg.data.shards)
     split = split or prior.cfg.data.eval_split
-    reference = held_out_codes(shards, split, num)
+    reference = first_codes(shards, split, num).numpy()
     num = len(reference)
     closed = (StandardGaussian if prior.family == "gaussian" else UniformBits)(prior.shape)
     baseline = closed.sample(num, torch.Generator().manual_seed(seed + 1), torch.device("cpu")).numpy()
     train_split = prior.cfg.data.split
-    stored = held_out_codes(shards, train_split, num) if train_split != split else None
+    stored = first_codes(shards, train_split, num).numpy() if train_split != split else None
     return {"prior_run": str(run_dir), "step": prior.step, "kind": prior.cfg.model.kind, "family": prior.family,
             "shape": list(prior.shape), "codes": str(shards), "split": split, "n": num,
             "sample_steps": getattr(prior.model, "sample_steps", None),

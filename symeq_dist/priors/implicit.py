@@ -25,7 +25,7 @@ from torch import Tensor
 
 from symeq_dist.config import ConfigError, PriorConfig
 from symeq_dist.data import load_manifest
-from symeq_dist.data.stream import iter_eval_batches, open_train_stream
+from symeq_dist.data.stream import open_train_stream
 from symeq_dist.models.distributions import Distribution
 
 POOL = 10000
@@ -57,17 +57,10 @@ class ModelPrior:
                  device: torch.device | None = None) -> None:
         from symeq_dist.priors.trainer import load_prior
 
-        trained = load_prior(run_dir, device=device)
+        trained = load_prior(run_dir, device=device, sample_steps=sample_steps)
         self.model, self.shape, self.family = trained.model, trained.shape, trained.family
         self.source = f"prior run {run_dir} (step {trained.step}, {'averaged' if trained.ema else 'trained'} weights)"
         if sample_steps:
-            if not hasattr(self.model, "timesteps"):
-                raise ConfigError(f"prior.sample_steps: {run_dir} is a {trained.cfg.model.kind} prior, which has no "
-                                  "sampling steps; set prior.sample_steps=0")
-            if sample_steps > self.model.timesteps:
-                raise ConfigError(f"prior.sample_steps: {sample_steps} is more than the {self.model.timesteps} noise "
-                                  f"levels {run_dir} was trained with")
-            self.model.sample_steps = sample_steps
             self.source += f", {sample_steps} DDIM steps"
         self.refresh_every = refresh_every
         self._buffer: Tensor | None = None
@@ -125,14 +118,9 @@ class ShardPrior:
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
         if self._pool is None:
-            chunks, count = [], 0
-            manifest = load_manifest(self.shards)
-            for batch in iter_eval_batches(self.shards, manifest, split=self.split, batch_size=1000):
-                chunks.append(batch["code"])
-                count += len(chunks[-1])
-                if count >= POOL:
-                    break
-            self._pool = torch.cat(chunks)[:POOL]
+            from symeq_dist.priors.trainer import first_codes
+
+            self._pool = first_codes(self.shards, self.split, POOL)
         pool = self._pool.to(device)
         return pool[torch.randint(len(pool), (n,), generator=generator, device=device)]
 

@@ -17,7 +17,6 @@ many (DDP; gloo on CPUs, NCCL on GPUs), started by `accelerate launch`, torchrun
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -105,15 +104,20 @@ class Progress:
         self.step = int(state["step"])
 
 
-def _stats(shards: str, split: str, limit: int = 50000) -> Tensor:
-    """Up to `limit` codes of `split` in shard order (for the diffusion prior's standardisation)."""
-    manifest, codes, count = load_manifest(shards), [], 0
-    for batch in iter_eval_batches(Path(shards), manifest, split=split, batch_size=1000):
-        codes.append(batch["code"])
-        count += len(batch["code"])
-        if count >= limit:
+def first_codes(shards: str | Path, split: str, num: int) -> Tensor:
+    """The first `num` codes (or all, if fewer) of `split` of a latent shard set, in shard order: the diffusion
+    prior's standardisation, a shards prior's pool for grids and chains, `symeq prior eval`'s reference."""
+    shards = Path(shards)
+    manifest = load_manifest(shards)
+    if split not in manifest["splits"]:
+        raise InputError(f"{shards} has no split {split!r} (it has {sorted(manifest['splits'])}); pick one of them")
+    chunks, count = [], 0
+    for batch in iter_eval_batches(shards, manifest, split=split, batch_size=1000):
+        chunks.append(batch["code"])
+        count += len(chunks[-1])
+        if count >= num:
             break
-    return torch.cat(codes)[:limit]
+    return torch.cat(chunks)[:num]
 
 
 def held_out_loss(model: PriorModel, cfg: PriorRunConfig, device: torch.device) -> float:
@@ -169,7 +173,7 @@ def train_prior(cfg: PriorRunConfig, argv: list[str] | None = None,
     set_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg, shape, family)
     if cfg.model.kind == "diffusion" and cfg.model.normalize and not cfg.resume:
-        model.set_data_stats(_stats(cfg.data.shards, cfg.data.split))
+        model.set_data_stats(first_codes(cfg.data.shards, cfg.data.split, 50000))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     averages = Averages(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -290,8 +294,14 @@ class TrainedPrior:
     ema: bool
 
 
-def load_prior(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None) -> TrainedPrior:
-    """The prior model of a run's latest checkpoint (its averaged weights when it keeps them and `ema`)."""
+def load_prior(run_dir: str | Path, *, ema: bool = True, device: torch.device | None = None,
+               sample_steps: int = 0) -> TrainedPrior:
+    """The prior model of a run's latest checkpoint (its averaged weights when it keeps them and `ema`); a diffusion
+    prior draws with `sample_steps` DDIM steps instead of its run's own when that is not 0.
+
+    Raises:
+        ConfigError: sample_steps for a prior without them, or above the noise levels it was trained with.
+    """
     target = latest_dir(run_dir)
     if target is None:
         raise CheckpointError(f"{Path(run_dir) / 'checkpoints'} holds no prior checkpoint; train one first "
@@ -305,7 +315,15 @@ def load_prior(run_dir: str | Path, *, ema: bool = True, device: torch.device | 
     weights = torch.load(target / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     use_ema = ema and "ema" in weights
     model.load_state_dict(weights["ema"] if use_ema else weights["prior"])
-    model = copy.deepcopy(model).to(device or torch.device("cpu")).eval().requires_grad_(False)
+    model = model.to(device or torch.device("cpu")).eval().requires_grad_(False)
+    if sample_steps:
+        if not hasattr(model, "timesteps"):
+            raise ConfigError(f"prior.sample_steps: {run_dir} is a {cfg.model.kind} prior, which has no sampling "
+                              "steps; leave prior.sample_steps (symeq prior eval --sample-steps) at 0")
+        if sample_steps > model.timesteps:
+            raise ConfigError(f"prior.sample_steps: {sample_steps} is more than the {model.timesteps} noise levels "
+                              f"{run_dir} was trained with")
+        model.sample_steps = sample_steps
     return TrainedPrior(model=model, cfg=cfg, step=int(meta["step"]), shape=shape, family=family, ema=use_ema)
 
 
