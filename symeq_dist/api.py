@@ -197,12 +197,11 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
     eval_images = next(iter(build_eval_batches(cfg.data, split=cfg.data.eval_split,
                                                batch_size=cfg.monitor.num_grid)))["image"]
     labelled = None
-    if cfg.data.labels_per_class:
+    if cfg.data.labels_per_class or cfg.data.labelled_fraction:
         cfg.labelled_micro_batch_size(info.world_size)  # divisible, or the error that names a multiple
-        labelled = LabelledPool(cfg.data.shards, cfg.data.split, per_class=cfg.data.labels_per_class, seed=cfg.seed,
-                                rank=info.rank)
-        log.info("labelled pool: %d rows (%s per class), %d labelled rows per step", len(labelled),
-                 "/".join(map(str, labelled.counts)), cfg.data.labelled_batch_size)
+        labelled = LabelledPool(cfg.data.shards, cfg.data.split, per_class=cfg.data.labels_per_class,
+                                fraction=cfg.data.labelled_fraction, seed=cfg.seed, rank=info.rank)
+        log.info("labelled pool: %s, %d labelled rows per step", labelled.description, cfg.data.labelled_batch_size)
     trainer = Trainer(cfg, info, players=players, game=game, engines=engines, prior=prior, stream=stream,
                       eval_images=eval_images, monitor=Monitor(Path(cfg.run_dir), enabled=info.is_main),
                       faults=FaultPlan.parse(os.environ.get(FAULT_ENV, "")), labelled=labelled)

@@ -18,6 +18,7 @@ from symeq_dist.config.models import (
     ModelConfig,
     Reference28Config,
     Reverse28Config,
+    SegHVAEConfig,
     StageConfig,
     model_config,
 )
@@ -30,6 +31,6 @@ __all__ = [
     "IMPLICIT_PRIORS", "MODEL_CONFIGS", "CheckpointConfig", "ClassMLPConfig", "ConfigError", "DataConfig",
     "EngineConfig", "EnginesConfig", "FaultConfig", "GameConfig", "HVAEConfig", "Ladder28Config", "MLPVAEConfig",
     "ModelConfig", "MonitorConfig", "PriorConfig", "PriorRunConfig", "Reference28Config", "Reverse28Config",
-    "RunConfig", "SamplingConfig", "StageConfig", "TrainConfig",
+    "RunConfig", "SamplingConfig", "SegHVAEConfig", "StageConfig", "TrainConfig",
     "config_from_dict", "dump_config", "load_config", "model_config", "parse_overrides", "with_overrides",
 ]

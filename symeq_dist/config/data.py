@@ -31,6 +31,10 @@ class DataConfig:
     labels_per_class: int = 0
     """Semi-supervised runs (a model with a class latent, `model.kind: class_mlp`): the labelled pool holds this many
     training samples of every class (-1: every sample); 0 = no labels (data/labelled.py)."""
+    labelled_fraction: float = 0.0
+    """Image + segmentation runs (`model.kind: seg_hvae`): this fraction of the training split keeps its label map
+    (the labelled pool; the others are used as unlabelled images); 0 = no label maps. The pool is the same for
+    every run seed (a fixed priority order of the split), so runs with different seeds share their labels."""
     labelled_batch_size: int = 128
     """Labelled rows per step over all ranks (drawn with replacement from the pool), besides train.batch_size."""
 
@@ -39,6 +43,7 @@ class DataConfig:
             check(0 < self.binarize_threshold <= 255, "data.binarize_threshold", "must be in 1..255 or null")
         check(self.noise_level >= 0, "data.noise_level", "must be >= 0")
         check(self.labels_per_class >= -1, "data.labels_per_class", "must be >= 0, or -1 for every sample")
+        check(0.0 <= self.labelled_fraction <= 1.0, "data.labelled_fraction", "must be in [0, 1]")
         check(self.labelled_batch_size >= 1, "data.labelled_batch_size", "must be >= 1")
         if self.noise == "flip":
             check(self.noise_level <= 0.5, "data.noise_level", "a flip probability must be <= 0.5")

@@ -206,6 +206,26 @@ class HVAEConfig(ImageModelConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SegHVAEConfig(HVAEConfig):
+    """Image + segmentation model (METHOD §7.6, the paper's Fig. 3/4; docs/structured.md): the hierarchical VAE of
+    `hvae` whose top latent is a per-pixel label map s ~ pi(s) (masks, `prior.kind=masks`) that conditions every
+    latent group and p(x | s, z); the encoder adds a segmentation head q(s | x). Labelled images enter as observed
+    values of s (`data.labelled_fraction`)."""
+
+    kind: Literal["seg_hvae"] = "seg_hvae"  # type: ignore[assignment]
+    num_classes: int = 11
+    """K, the label-map classes (background included); must match the shards' `mask` entry."""
+    seg_width: int = 32
+    """Channels of the segmentation head q(s | x): every encoder resolution is projected to this width, upsampled
+    and summed (a feature pyramid), then two 3x3 convs give the per-pixel logits."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_classes >= 2, "model.num_classes", "a label map needs >= 2 classes")
+        check(self.seg_width >= 1, "model.seg_width", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClassMLPConfig(ImageModelConfig):
     """MLP VAE whose top latent is a class c (one-hot, uniform prior) above a Gaussian style latent z: labels enter
     as observed values of c for the labelled rows (METHOD §7.4; `data.labels_per_class`)."""
@@ -224,10 +244,11 @@ class ClassMLPConfig(ImageModelConfig):
             check(getattr(self, name) > 0, f"model.{name}", "must be a positive integer")
 
 
-ModelConfig = MLPVAEConfig | Ladder28Config | Reverse28Config | BilinearConfig | HVAEConfig | ClassMLPConfig
+ModelConfig = (MLPVAEConfig | Ladder28Config | Reverse28Config | BilinearConfig | HVAEConfig | ClassMLPConfig
+               | SegHVAEConfig)
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     cls.kind: cls for cls in (MLPVAEConfig, Ladder28Config, Reverse28Config, BilinearConfig,  # type: ignore[misc]
-                              HVAEConfig, ClassMLPConfig)
+                              HVAEConfig, ClassMLPConfig, SegHVAEConfig)
 }
 
 

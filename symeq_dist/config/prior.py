@@ -7,23 +7,29 @@ from typing import Literal
 
 from symeq_dist.config.base import check
 
-IMPLICIT_PRIORS = ("model", "shards")
+IMPLICIT_PRIORS = ("model", "shards", "masks")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PriorConfig:
-    kind: Literal["auto", "standard_gaussian", "uniform_bits", "uniform_classes", "model", "shards"] = "auto"
+    kind: Literal["auto", "standard_gaussian", "uniform_bits", "uniform_classes", "model", "shards", "masks"] = "auto"
     """auto: the closed form matching the decoder's top latent (N(0, I) for a Gaussian top, uniform bits
     for a Bernoulli top, uniform classes for a class latent); standard_gaussian / uniform_bits /
     uniform_classes: that closed form, checked against the top
     latent. Implicit priors, only sampled (the ELBO game refuses them: it needs log pi(z)): model = a frozen
     `symeq prior train` run (`prior.run`), sampled on every rank with the rank's dream generator; shards =
     latent shards (`symeq prior codes` / `symeq prior sample`, `prior.shards`) streamed and split over the
-    ranks like the data, resumed exactly."""
+    ranks like the data, resumed exactly; masks = label maps of a shard set (`prior.shards`, default data.shards),
+    drawn with replacement: pi(s) of the image + segmentation model (`model.kind: seg_hvae`)."""
     run: str = ""
     """prior.kind=model: the prior run directory (its latest checkpoint; the averaged weights when it keeps them)."""
     shards: str = ""
-    """prior.kind=shards: a latent shard set (manifest.json with a `code` entry)."""
+    """prior.kind=shards: a latent shard set (manifest.json with a `code` entry). prior.kind=masks: a shard set with
+    label maps (empty: data.shards)."""
+    mask_fraction: float = -1.0
+    """prior.kind=masks: the label maps of this fraction of the split (the same fixed priority order as
+    data.labelled_fraction, so equal fractions give the labelled pool's masks; 1 = every mask of the split, used as
+    unpaired samples); -1: data.labelled_fraction when it is set, else 1."""
     split: str = "train"
     """prior.kind=shards: the split of the latent shard set that is streamed."""
     shuffle_buffer: int = 1000
@@ -41,9 +47,13 @@ class PriorConfig:
     def __post_init__(self) -> None:
         check(bool(self.run) == (self.kind == "model"), "prior.run",
               "set it (a `symeq prior train` run directory) with prior.kind=model, and only then")
-        check(bool(self.shards) == (self.kind == "shards"), "prior.shards",
+        check(bool(self.shards) == (self.kind == "shards") or self.kind == "masks", "prior.shards",
               "set it (a latent shard set from `symeq prior codes` or `symeq prior sample`) with prior.kind=shards, "
-              "and only then")
+              "and only then (or with prior.kind=masks: a shard set with label maps)")
+        check(self.mask_fraction == -1.0 or 0.0 < self.mask_fraction <= 1.0, "prior.mask_fraction",
+              "must be in (0, 1], or -1 (data.labelled_fraction)")
+        check(self.mask_fraction == -1.0 or self.kind == "masks", "prior.mask_fraction",
+              "applies to prior.kind=masks only")
         check(self.refresh_every >= 1, "prior.refresh_every", "must be >= 1")
         check(self.refresh_every == 1 or self.kind == "model", "prior.refresh_every",
               "buffers only prior.kind=model draws; leave it at 1")

@@ -10,7 +10,7 @@ from symeq_dist.config.base import ConfigError, check
 from symeq_dist.config.data import DataConfig
 from symeq_dist.config.engines import EnginesConfig
 from symeq_dist.config.game import GameConfig
-from symeq_dist.config.models import ClassMLPConfig, MLPVAEConfig, ModelConfig, Reference28Config
+from symeq_dist.config.models import ClassMLPConfig, MLPVAEConfig, ModelConfig, Reference28Config, SegHVAEConfig
 from symeq_dist.config.prior import IMPLICIT_PRIORS, PriorConfig
 from symeq_dist.config.train import CheckpointConfig, FaultConfig, MonitorConfig, SamplingConfig, TrainConfig
 
@@ -36,6 +36,17 @@ class RunConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        seg = isinstance(self.model, SegHVAEConfig)
+        check(self.data.labelled_fraction == 0 or seg, "data.labelled_fraction",
+              f"label maps enter as observed values of a segmentation latent, which model.kind={self.model.kind} has "
+              "not; use model.kind=seg_hvae or data.labelled_fraction=0")
+        check(not seg or self.game.kind == "symmetric", "game.kind",
+              "elbo is not built for model.kind=seg_hvae: its label-map latent has no reparametrised sample and its "
+              "prior pi(s) is known only through samples; use game.kind=symmetric")
+        check(not seg or self.prior.kind == "masks", "prior.kind",
+              "model.kind=seg_hvae draws its top latent s from label maps: set prior.kind=masks")
+        check(self.prior.kind != "masks" or seg, "prior.kind",
+              "masks feeds the label-map latent of model.kind=seg_hvae")
         check(self.game.kind != "elbo" or self.prior.kind not in IMPLICIT_PRIORS, "prior.kind",
               f"{self.prior.kind} is known only through samples, and the ELBO game needs the density log pi(z) for its "
               "KL term; use game.kind=symmetric (the game that needs only samples) or a closed-form prior "
@@ -46,6 +57,12 @@ class RunConfig:
         check(self.data.labels_per_class == 0 or isinstance(self.model, ClassMLPConfig), "data.labels_per_class",
               f"labels enter as observed values of a class latent, which model.kind={self.model.kind} has not; use "
               "model.kind=class_mlp or data.labels_per_class=0")
+        if self.prior.kind == "masks":  # resolved here, so the saved config names the exact masks
+            fraction = self.prior.mask_fraction
+            if fraction == -1.0:
+                fraction = self.data.labelled_fraction or 1.0
+            object.__setattr__(self, "prior", dataclasses.replace(
+                self.prior, shards=self.prior.shards or self.data.shards, mask_fraction=fraction))
         if isinstance(self.model, Reference28Config):
             check(self.data.binarize_threshold is not None or self.model.x_dist == "gaussian", "model.x_dist",
                   "grey-valued data (data.binarize_threshold=null) needs model.x_dist=gaussian")

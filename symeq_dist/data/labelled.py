@@ -1,12 +1,17 @@
-"""The labelled stream of the semi-supervised game (METHOD §7.4): rows whose class is observed.
+"""The labelled stream of the semi-supervised game (METHOD §7.4, §7.6): rows whose class or label map is observed.
 
-A pool of `data.labels_per_class` samples of every class of the training split (-1: every sample) is chosen
+Classes: a pool of `data.labels_per_class` samples of every class of the training split (-1: every sample) is chosen
 once, identically on every rank: each sample gets a priority from a permutation seeded by the run's seed, and
 each class keeps its lowest-priority samples (one pass over the split, memory for the pool only). Every round,
 every rank draws the same number of rows from the pool with replacement, from a generator of its own seeded by
 (seed, rank): batches are equal per rank whatever the pool size, and the generator's state in the rank's
 checkpoint makes a resume draw the same rows. Rows are uint8 images and one-hot float labels with a mask of
-ones (a mask entry 0 would make its row an unlabelled one). Must not import models or engines.
+ones (a mask entry 0 would make its row an unlabelled one).
+
+Label maps: the pool is the fraction `data.labelled_fraction` of the training split with the lowest priorities in
+a fixed permutation of the split (seeded by a constant, not the run's seed: every run of a data set shares its
+labelled images, and `prior.kind=masks` with the same fraction reads exactly the pool's masks); rows carry the
+map one-hot (K, H, W). Draws as for classes. Must not import models or engines.
 """
 
 from __future__ import annotations
@@ -22,12 +27,53 @@ from symeq_dist.data.stream import iter_eval_batches
 from symeq_dist.errors import InputError
 
 _POOL_PURPOSE = 0x1AB3  # first SeedSequence word of the pool's priorities and of the ranks' draws
+_MAP_PURPOSE = 0x5E6  # the label-map pool's priorities (no run seed: fixed per data set)
+
+
+def label_map_pool(shards: str | Path, split: str, fraction: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The label-map pool of `split`: the round(fraction * N) samples (at least one) with the lowest priorities in
+    a fixed permutation of the split, in priority order (so it does not depend on the shard layout).
+
+    Returns:
+        images uint8 (P, C, H, W), label maps int64 (P, H, W), and K (the manifest's mask classes).
+
+    Raises:
+        InputError: the shard set has no label maps (names the fix).
+    """
+    shards = Path(shards)
+    manifest = load_manifest(shards)
+    if not manifest.get("mask"):
+        raise InputError(f"{shards} has no label maps (manifest.json has no `mask` entry); write a shard set with "
+                         "masks (`symeq shards digits-seg`, `symeq shards celebamask-hq`) or set "
+                         "data.labelled_fraction=0")
+    total = manifest["splits"][split]["num_samples"]
+    priority = np.random.default_rng([_MAP_PURPOSE]).permutation(total)
+    size = max(1, round(fraction * total))
+    keep = priority < size
+    images, maps, order = [], [], []
+    index = 0
+    for batch in iter_eval_batches(shards, manifest, split=split, batch_size=1000):
+        chosen = np.flatnonzero(keep[index:index + len(batch["key"])])
+        images.append(batch["image"][chosen])
+        maps.append(batch["mask"][chosen])
+        order.append(priority[index + chosen])
+        index += len(batch["key"])
+    rank = np.argsort(np.concatenate(order), kind="stable")
+    return (torch.cat(images)[rank], torch.cat(maps)[rank].long(), int(manifest["mask"]["num_classes"]))
 
 
 class LabelledPool:
     """The labelled rows of a split: chosen once, drawn with replacement per rank (see the module docstring)."""
 
-    def __init__(self, shards: str | Path, split: str, *, per_class: int, seed: int, rank: int) -> None:
+    def __init__(self, shards: str | Path, split: str, *, per_class: int = 0, fraction: float = 0.0, seed: int,
+                 rank: int) -> None:
+        self._seed, self._rank = seed, rank
+        self._gen = torch.Generator()
+        self._gen.manual_seed(int(np.random.SeedSequence([_POOL_PURPOSE, seed, rank]).generate_state(1)[0]))
+        if fraction:
+            self.images, self.labels, self.num_classes = label_map_pool(shards, split, fraction)
+            self.description = f"{len(self.labels)} label maps ({fraction:g} of split {split!r})"
+            return
         shards = Path(shards)
         manifest = load_manifest(shards)
         label = manifest.get("label") or {}
@@ -53,19 +99,18 @@ class LabelledPool:
         self.images = torch.from_numpy(np.stack([image for _, image, _ in rows]))
         self.labels = torch.tensor([cls for _, _, cls in rows], dtype=torch.int64)
         self.counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
-        self._seed, self._rank = seed, rank
-        self._gen = torch.Generator()
-        self._gen.manual_seed(int(np.random.SeedSequence([_POOL_PURPOSE, seed, rank]).generate_state(1)[0]))
+        self.description = f"{len(self.labels)} rows ({'/'.join(map(str, self.counts))} per class)"
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def draw(self, num: int) -> dict[str, torch.Tensor]:
-        """`num` rows with replacement: image uint8 (num, C, H, W), c one-hot float (num, K), c_mask ones (num,)."""
+        """`num` rows with replacement: image uint8 (num, C, H, W), label int64 (num,) or (num, H, W), c one-hot float
+        (num, K) or (num, K, H, W), c_mask ones (num,)."""
         rows = torch.randint(len(self.labels), (num,), generator=self._gen)
         labels = self.labels[rows]
-        return {"image": self.images[rows], "label": labels,
-                "c": torch.nn.functional.one_hot(labels, self.num_classes).float(), "c_mask": torch.ones(num)}
+        c = torch.nn.functional.one_hot(labels, self.num_classes).movedim(-1, 1).float()
+        return {"image": self.images[rows], "label": labels, "c": c, "c_mask": torch.ones(num)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self._gen.get_state(), "size": len(self.labels)}
@@ -79,5 +124,6 @@ class LabelledPool:
             return
         if state["size"] != len(self.labels):
             raise InputError(f"the checkpoint's labelled pool held {state['size']} rows, this one {len(self.labels)}: "
-                             "the data or data.labels_per_class changed; start a new run")
+                             "the data, data.labels_per_class or data.labelled_fraction changed; start a new "
+                             "run")
         self._gen.set_state(state["gen"])

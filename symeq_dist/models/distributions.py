@@ -239,22 +239,27 @@ class Categorical(Distribution):
 
 
 class OneHotCategorical(Categorical):
-    """One K-way categorical per sample with logits (B, K); values are one-hot float rows (B, K), the form a
-    network takes as input (a class latent, METHOD §7.4). Same log-likelihood, KL and MI as `Categorical`."""
+    """K-way categoricals with the class dim at 1 whose values are one-hot floats of the logits' shape: logits
+    (B, K) for one class latent per sample (METHOD §7.4), or (B, K, H, W) for a per-pixel label map (a
+    segmentation latent, §7.6); the form a network takes as input. Same log-likelihood, KL and MI as
+    `Categorical`."""
 
     def __init__(self, logits: Tensor) -> None:
-        if logits.dim() != 2:
-            raise ValueError(f"OneHotCategorical takes logits (B, K), got {tuple(logits.shape)}")
+        if logits.dim() < 2:
+            raise ValueError(f"OneHotCategorical takes logits (B, K, ...), got {tuple(logits.shape)}")
         super().__init__(logits, dim=1)
 
+    def _one_hot(self, classes: Tensor) -> Tensor:
+        return F.one_hot(classes, self.logits.shape[1]).movedim(-1, 1).to(self.logits.dtype)
+
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        return F.one_hot(super().sample(generator), self.logits.shape[1]).to(self.logits.dtype)
+        return self._one_hot(super().sample(generator))
 
     def log_prob(self, value: Tensor) -> Tensor:
-        return (self._log_probs() * value.float()).sum(dim=1)
+        return _sum_event(torch.log_softmax(self.logits.float(), dim=1) * value.float())
 
     def mode(self) -> Tensor:
-        return F.one_hot(self.logits.argmax(dim=1), self.logits.shape[1]).to(self.logits.dtype)
+        return self._one_hot(self.logits.argmax(dim=1))
 
 
 __all__ = ["HALF_LOG_2PI", "PROB_EPS", "Bernoulli", "Categorical", "Distribution", "Gaussian", "OneHotCategorical"]

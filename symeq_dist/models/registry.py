@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from symeq_dist.config import ModelConfig
-from symeq_dist.models.families import bilinear, class_mlp, hvae, ladder28, mlp_vae, reverse28
+from symeq_dist.models.families import bilinear, class_mlp, hvae, ladder28, mlp_vae, reverse28, seg_hvae
 from symeq_dist.models.players import Players
 
 FAMILIES: dict[str, Callable[[Any], Players]] = {
@@ -16,6 +16,7 @@ FAMILIES: dict[str, Callable[[Any], Players]] = {
     "bilinear": bilinear.build_players,
     "hvae": hvae.build_players,
     "class_mlp": class_mlp.build_players,
+    "seg_hvae": seg_hvae.build_players,
 }
 
 

@@ -2,9 +2,9 @@
 
 Closed-form priors (uniform bits, standard Gaussian) also give `distribution(n)` for the ELBO baseline.
 Implicit priors (`implicit.py`: a separately trained prior model, `prior.kind=model`; latent shards,
-`prior.kind=shards`) only sample. `build_prior` picks the kind from `prior.kind` and checks the prior's sample
-space against the decoder's top latent. The prior models and their trainer (accelerate) are `models.py` and
-`trainer.py`; `codes.py` writes latent shard sets. Must not import `runtime.engines`.
+`prior.kind=shards`; label maps, `prior.kind=masks`) only sample. `build_prior` picks the kind from `prior.kind`
+and checks the prior's sample space against the decoder's top latent. The prior models and their trainer
+(accelerate) are `models.py` and `trainer.py`; `codes.py` writes latent shard sets. Must not import `runtime.engines`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from symeq_dist.config import ConfigError, PriorConfig
 from symeq_dist.models.distributions import Distribution
 from symeq_dist.models.players import Decoder
 from symeq_dist.priors.closed_form import StandardGaussian, UniformBits, UniformClasses
-from symeq_dist.priors.implicit import ModelPrior, ShardPrior, StreamSpec
+from symeq_dist.priors.implicit import MaskPrior, ModelPrior, ShardPrior, StreamSpec
 
 
 class Prior(Protocol):
@@ -57,6 +57,8 @@ def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | No
                                 device=device)
     elif cfg.kind == "shards":
         prior = ShardPrior(cfg, stream)
+    elif cfg.kind == "masks":
+        prior = MaskPrior(cfg)
     else:
         kind = _AUTO.get(family) if cfg.kind == "auto" else cfg.kind
         if kind is None:
@@ -75,5 +77,5 @@ def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | No
     return prior
 
 
-__all__ = ["PRIORS", "ModelPrior", "Prior", "ShardPrior", "StandardGaussian", "StreamSpec", "UniformBits",
+__all__ = ["PRIORS", "MaskPrior", "ModelPrior", "Prior", "ShardPrior", "StandardGaussian", "StreamSpec", "UniformBits",
            "UniformClasses", "build_prior"]

@@ -137,3 +137,30 @@ class ShardPrior:
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
+
+
+class MaskPrior:
+    """pi(s) := label maps of a shard set (`prior.kind=masks`, METHOD §7.6), one-hot (K, H, W), drawn with replacement
+    with the caller's generator (the game: the rank's dream generator, whose state the checkpoint keeps, so a
+    resume draws the same maps and this prior has no state of its own)."""
+
+    has_density = False
+    family = "categorical"
+
+    def __init__(self, cfg: PriorConfig) -> None:
+        from symeq_dist.data.labelled import label_map_pool
+
+        _, self._maps, num_classes = label_map_pool(cfg.shards, cfg.split, cfg.mask_fraction)
+        self.shape = (num_classes, *self._maps.shape[1:])
+        self.source = (f"{len(self._maps)} label maps of {cfg.shards} (split {cfg.split}, fraction "
+                       f"{cfg.mask_fraction:g})")
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        rows = torch.randint(len(self._maps), (n,), generator=generator, device=generator.device)
+        maps = self._maps[rows.cpu()].to(device, non_blocking=True)
+        return torch.nn.functional.one_hot(maps, self.shape[0]).movedim(-1, 1).float()
+
+    next_codes = sample
+
+    def distribution(self, n: int, device: torch.device) -> Distribution:
+        raise no_density("masks")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -105,13 +106,21 @@ def _latent_dist(params: Tensor, cfg: HVAEConfig) -> Distribution:
 
 
 class HVAEDecoder(Decoder):
-    """Top-down generator; see the module docstring. Latents are named z0 (top), z1, ... in ancestral order."""
+    """Top-down generator; see the module docstring. Latents are named z0 (top), z1, ... in ancestral order.
+
+    A subclass with `conditioned = True` (seg_hvae) puts its own top latent above the groups: every group, z0
+    included, then has a prior head, and `_context(z)` gives per stage a feature map added to h where the stage
+    begins.
+    """
+
+    conditioned: ClassVar[bool] = False
 
     def __init__(self, cfg: HVAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         groups = _groups(cfg)
-        self.latent_names = tuple(f"z{i}" for i in range(len(groups)))
+        self.group_names = tuple(f"z{i}" for i in range(len(groups)))
+        self.latent_names = self.group_names
         self.latent_shapes = {f"z{i}": (cfg.latent_channels, r, r) for i, (_, r) in enumerate(groups)}
         self.top_family = cfg.latent
         per_latent = 2 * cfg.latent_channels if cfg.latent == "gaussian" else cfg.latent_channels
@@ -119,8 +128,8 @@ class HVAEDecoder(Decoder):
         first = cfg.stages[0]
         self.h_init = nn.Parameter(torch.zeros(1, first.width, first.resolution, first.resolution))
         middle = [_middle(stage.width, cfg) for stage in cfg.stages]
-        self.priors = nn.ModuleList(Head(cfg.stages[s].width, middle[s], per_latent, r) if i else nn.Identity()
-                                    for i, (s, r) in enumerate(groups))
+        self.priors = nn.ModuleList(Head(cfg.stages[s].width, middle[s], per_latent, r)
+                                    if i or self.conditioned else nn.Identity() for i, (s, r) in enumerate(groups))
         self.projections = nn.ModuleList(nn.Conv2d(cfg.latent_channels, cfg.stages[s].width, 1) for s, _ in groups)
         self.cells = nn.ModuleList(nn.Sequential(*(Cell(cfg.stages[s].width, middle[s], r, scale)
                                                    for _ in range(cfg.stages[s].decoder_cells))) for s, r in groups)
@@ -133,23 +142,34 @@ class HVAEDecoder(Decoder):
                             offset_shape=x_offset_shape(cfg))
         self._stage_of = [s for s, _ in groups]
 
+    def _context(self, z: Latents) -> list[Tensor] | None:
+        """Per stage, a map added to h where the stage begins (conditioned subclasses); None: nothing."""
+        return None
+
+    def _next_stage(self, h: Tensor, stage: int, context: list[Tensor] | None) -> Tensor:
+        """h at the next resolution: upsampled (nearest), widened, plus that stage's context."""
+        res = self.cfg.stages[stage + 1].resolution
+        h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
+        return h if context is None else h + context[stage + 1]
+
     def _walk(self, z: Latents | None, posterior: Posterior | None, generator: torch.Generator | None,
               reparam: bool) -> tuple[TopDown, Tensor]:
         """The top-down pass; also returns the final state h (B, width, H, W) for p(x|z)."""
         z = dict(z or {})
         batch = next(iter(z.values())).shape[0] if z else None
+        context = self._context(z)
         priors: dict[str, Distribution] = {}
         states: dict[str, Tensor] = {}
         h, stage = None, 0
-        for i, name in enumerate(self.latent_names):
+        for i, name in enumerate(self.group_names):
             s = self._stage_of[i]
             if h is None:  # a copy, never a view of the parameter: ZeRO-3 frees parameters after the forward
                 h = self.h_init.clone().expand(batch or 1, -1, -1, -1)
-            while stage < s:  # next resolution: upsample, widen
-                res = self.cfg.stages[stage + 1].resolution
-                h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
+                h = h if context is None else h + context[0]
+            while stage < s:
+                h = self._next_stage(h, stage, context)
                 stage += 1
-            p = _latent_dist(self.priors[i](h), self.cfg) if i else None
+            p = _latent_dist(self.priors[i](h), self.cfg) if i or self.conditioned else None
             if p is not None:
                 priors[name] = p
             states[name] = h
@@ -162,8 +182,7 @@ class HVAEDecoder(Decoder):
             for cell in self.cells[i]:
                 h = _run(cell, h, self.cfg.checkpoint_cells)
         while stage < len(self.cfg.stages) - 1:
-            res = self.cfg.stages[stage + 1].resolution
-            h = self.widen[stage](F.interpolate(h, size=(res, res), mode="nearest"))
+            h = self._next_stage(h, stage, context)
             stage += 1
         return TopDown(z, priors, states), h
 
@@ -230,7 +249,11 @@ class HVAEEncoder(Encoder):
 
     def _sample(self, x: Tensor, decoder: Decoder, generator: torch.Generator | None = None,
                 reparam: bool = False) -> Sample:
-        features = self._features(x)
+        return self._sample_groups(self._features(x), decoder, {}, generator, reparam)
+
+    def _sample_groups(self, features: dict[int, Tensor], decoder: Decoder, given: Latents,
+                       generator: torch.Generator | None, reparam: bool) -> Sample:
+        """Every group drawn from its posterior in ONE decoder top-down call; `given` latents are fixed there."""
         q: dict[str, Distribution] = {}
 
         def posterior(name: str, p: Distribution | None, state: Tensor | None) -> Distribution:
@@ -238,10 +261,13 @@ class HVAEEncoder(Encoder):
             q[name] = self._posterior(features, name, state if reparam else state.detach())
             return q[name]
 
-        return decoder.top_down(posterior=posterior, generator=generator, reparam=reparam).z, q
+        return decoder.top_down(given or None, posterior=posterior, generator=generator, reparam=reparam).z, q
 
     def _conditionals(self, x: Tensor, z: Latents, decoder: Decoder) -> dict[str, Distribution]:
-        features = self._features(x)
+        return self._group_conditionals(self._features(x), z, decoder)
+
+    def _group_conditionals(self, features: dict[int, Tensor], z: Latents,
+                            decoder: Decoder) -> dict[str, Distribution]:
         with torch.no_grad():  # detaching rule: the decoder's states are constants in the encoder step
             states = decoder.top_down(z).states
         return {name: self._posterior(features, name, states[name]) for name in self.latent_names}
