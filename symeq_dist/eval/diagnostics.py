@@ -37,6 +37,7 @@ from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian
 
 HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)  # entropy of N(0, 1) in nats
 PRIOR_VARIANCE = {"gaussian": 1.0, "bernoulli": 0.25}  # per dimension: N(0, 1) and Bern(1/2)
+MAX_CODE_DIMS = 4096  # code drift keeps a D x D float64 covariance per set: 128 MiB each at this size
 
 
 def parse_chain_lengths(value: int | str | Iterable[int]) -> tuple[int, ...]:
@@ -107,7 +108,9 @@ class Diagnostics:
     @torch.no_grad()
     def add_codes(self, set_name: str, codes: Tensor) -> None:
         """Top-latent codes (B, ...) of one set ("prior", "prior_resampled", "posterior_data", "posterior_dreams",
-        "chain@L")."""
+        "chain@L"). Skipped for a top latent of more than MAX_CODE_DIMS dimensions (a label map: 45,056 at 64^2)."""
+        if self.code_dims > MAX_CODE_DIMS:
+            return
         flat = codes.reshape(len(codes), -1).double()
         self.codes.setdefault(set_name, GaussianStats(flat.shape[1])).update(flat)
 
@@ -125,6 +128,9 @@ class Diagnostics:
     def _code_table(self) -> dict[str, Any]:
         prior = self.codes.get("prior")
         table: dict[str, Any] = {"latent": self.top, "dims": self.code_dims}
+        if self.code_dims > MAX_CODE_DIMS:
+            table["skipped"] = (f"{self.code_dims} dimensions: a full covariance per set would take "
+                                f"{self.code_dims ** 2 * 8 / 2 ** 30:.0f} GiB (the limit is {MAX_CODE_DIMS})")
         for name, stats in self.codes.items():
             if stats.count < 2:
                 continue

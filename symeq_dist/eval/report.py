@@ -155,6 +155,8 @@ def _md_diagnostics(results: dict[str, Any]) -> list[str]:
         rows = [[name, num(row.get("mean")), num(row.get("variance")), num(row.get("fd_to_prior"))]
                 for name, row in sets]
         lines += [*table(["codes", "mean", "variance", "FD to prior"], rows), ""]
+    if codes.get("skipped"):
+        lines += [f"Code drift of the top latent `{codes.get('latent')}` skipped: {codes['skipped']}.", ""]
     return lines
 
 
@@ -179,6 +181,14 @@ def _md_scalars(results: dict[str, Any]) -> list[str]:
                   f"Accuracy of argmax q(c | x) on the {classes.get('n')} images of the `{classes.get('split')}` "
                   f"split: {num(classes.get('accuracy'))} (trained with data.labels_per_class = "
                   f"{classes.get('labels_per_class')}).", ""]
+    seg = results.get("segmentation")
+    if seg:
+        lines += ["## Segmentation", "",
+                  f"argmax q(s | x) on the {seg.get('n')} images of the `{seg.get('split')}` split: mIoU "
+                  f"{num(seg.get('miou'))}, pixel accuracy {num(seg.get('pixel_accuracy'))} (trained with "
+                  f"data.labelled_fraction = {seg.get('labelled_fraction')}). Cycle score, the same on images "
+                  f"x ~ p(x | s, z), z ~ p(z | s), generated from those images' maps: mIoU "
+                  f"{num(seg.get('cycle_miou'))}, pixel accuracy {num(seg.get('cycle_pixel_accuracy'))}.", ""]
     probe = results.get("probe")
     if probe:
         lines += ["## Linear probe", "",

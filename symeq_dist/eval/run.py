@@ -39,6 +39,7 @@ from symeq_dist.eval.model import TrainedModel, load_trained, with_prior
 from symeq_dist.eval.options import EvalOptions, feature_network_path, load_extractors
 from symeq_dist.eval.probe import linear_probe_accuracy
 from symeq_dist.eval.report import chain_key, write_report
+from symeq_dist.eval.segmentation import segmentation_report
 from symeq_dist.game.mi import DEAD_MI
 
 __all__ = ["EvalOptions", "evaluate", "feature_network_path", "load_extractors"]
@@ -307,6 +308,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tsne_image = _tsne(acc, out_dir / "tsne.png", opts.seed)
     classes = class_report(model, opts, out_dir)
+    segmentation = segmentation_report(model, opts, out_dir)
     results = {
         "run_dir": str(opts.run_dir), "step": model.step, "ema_weights": model.ema, "seed": opts.seed, "n": opts.n,
         "chain_steps": lengths[-1], "chain_lengths": list(lengths), "game": model.cfg.game.kind,
@@ -321,11 +323,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                                  "value": acc.recon[0] / max(acc.recon[1], 1)},
         "probe": _probe(model, opts, torch.Generator(device=model.device).manual_seed(opts.seed)),
         "class_accuracy": classes,
+        "segmentation": segmentation,
         "bits_per_dim": _bits_per_dim(model, opts),
         "figures": {"tsne": "tsne.png"} if tsne_image is not None else {},
     }
-    if classes is not None:
-        results["figures"].update(classes.pop("figures"))
+    for section in (classes, segmentation):
+        if section is not None:
+            results["figures"].update(section.pop("figures"))
     write_report(out_dir, results)
     if opts.prior is None:  # another prior's report stays beside the run's own
         _mirror(out_dir, opts.run_dir / "eval")
@@ -335,7 +339,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 
 def _mirror(step_dir: Path, eval_dir: Path) -> None:
     """Copy a step's report files to <run_dir>/eval/ (each by atomic rename): the most recent evaluation."""
-    for name in ("report.json", "report.md", "tsne.png", "classes.png", "tsne_classes.png"):
+    for name in ("report.json", "report.md", "tsne.png", "classes.png", "tsne_classes.png", "style_transfer.png",
+                 "segmentation_rows.png"):
         source, tmp = step_dir / name, eval_dir / f".{name}.tmp"
         if source.is_file():
             shutil.copyfile(source, tmp)
@@ -363,6 +368,9 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
         scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
     if results.get("class_accuracy") is not None:
         scalars["eval/class_accuracy"] = results["class_accuracy"]["accuracy"]
+    if results.get("segmentation") is not None:
+        scalars.update({f"eval/segmentation/{key}": results["segmentation"][key]
+                        for key in ("miou", "pixel_accuracy", "cycle_miou", "cycle_pixel_accuracy")})
     scalars["eval/reconstruction_error"] = results["reconstruction_error"]["value"]
     bpd = results["bits_per_dim"]
     scalars.update({f"eval/{key}": bpd[key] for key in ("elbo_bpd", "iw_bpd") if bpd.get(key) is not None})
