@@ -199,8 +199,15 @@ def build_trainer(cfg: RunConfig, info: dist.DistInfo, argv: list[str] | None = 
     labelled = None
     if cfg.data.labels_per_class or cfg.data.labelled_fraction:
         cfg.labelled_micro_batch_size(info.world_size)  # divisible, or the error that names a multiple
+        observed = "attributes" if getattr(cfg.model, "label", None) == "attributes" else "maps"
         labelled = LabelledPool(cfg.data.shards, cfg.data.split, per_class=cfg.data.labels_per_class,
-                                fraction=cfg.data.labelled_fraction, seed=cfg.seed, rank=info.rank)
+                                fraction=cfg.data.labelled_fraction, observed=observed, seed=cfg.seed, rank=info.rank)
+        top = players.decoder.latent_names[0]
+        if labelled.num_classes != players.decoder.latent_shapes[top][0]:
+            raise ConfigError(f"model.num_classes={players.decoder.latent_shapes[top][0]}: the labels of "
+                              f"{cfg.data.shards} have {labelled.num_classes} "
+                              f"{ {'maps': 'label-map classes'}.get(labelled.observed, labelled.observed)}; set "
+                              f"model.num_classes={labelled.num_classes}")
         log.info("labelled pool: %s, %d labelled rows per step", labelled.description, cfg.data.labelled_batch_size)
     trainer = Trainer(cfg, info, players=players, game=game, engines=engines, prior=prior, stream=stream,
                       eval_images=eval_images, monitor=Monitor(Path(cfg.run_dir), enabled=info.is_main),

@@ -29,27 +29,33 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, ...],
     return {"root": tmp_path_factory.mktemp("stand_in")}  # type: ignore[dict-item]
 
 
-def _masked_sample(record: dict) -> Sample:
-    """A random image of `record["shape"]` and a label map of 4 x 4 blocks of `record["classes"]` classes."""
+def _labelled_sample(record: dict) -> Sample:
+    """A random image of `record["shape"]` with a label map of 4 x 4 blocks of `record["masks"]` classes, or a
+    vector of `record["attributes"]` random 0/1 attributes."""
     rng = np.random.default_rng(record["index"])
     shape = tuple(record["shape"])
-    blocks = rng.integers(0, record["classes"], (shape[1] // 4, shape[2] // 4), dtype=np.uint8)
-    return Sample(image=rng.integers(0, 256, shape, dtype=np.uint8), mask=np.kron(blocks, np.ones((4, 4), np.uint8)))
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    if record["attributes"]:
+        return Sample(image=image, label=rng.integers(0, 2, record["attributes"], dtype=np.uint8))
+    blocks = rng.integers(0, record["masks"], (shape[1] // 4, shape[2] // 4), dtype=np.uint8)
+    return Sample(image=image, mask=np.kron(blocks, np.ones((4, 4), np.uint8)))
 
 
-def _stand_in(cache: dict, shape: tuple[int, ...], mask_classes: int = 0) -> Path:
-    """Random uint8 images of `shape` with 10 classes (or, with `mask_classes`, label maps instead), train 64 /
-    valid 32, written once per shape."""
-    if mask_classes and (shape, mask_classes) not in cache:
-        splits = {split: [{"index": offset + i, "shape": list(shape), "classes": mask_classes} for i in range(n)]
-                  for split, n, offset in (("train", 64, 0), ("valid", 32, 64))}
-        out = cache["root"] / ("x".join(map(str, shape)) + f"-masks{mask_classes}")
-        schema = Schema(image_shape=shape, mask_classes=tuple(str(k) for k in range(mask_classes)))
-        convert(out, dataset="standin", splits=splits, make_sample=_masked_sample, schema=schema,
+def _stand_in(cache: dict, shape: tuple[int, ...], masks: int = 0, attributes: int = 0) -> Path:
+    """Random uint8 images of `shape` with 10 classes (or label maps of `masks` classes, or `attributes` 0/1
+    attributes, instead), train 64 / valid 32, written once per shape and labels."""
+    key = (shape, masks, attributes)
+    if (masks or attributes) and key not in cache:
+        splits = {split: [{"index": offset + i, "shape": list(shape), "masks": masks, "attributes": attributes}
+                          for i in range(n)] for split, n, offset in (("train", 64, 0), ("valid", 32, 64))}
+        out = cache["root"] / ("x".join(map(str, shape)) + f"-masks{masks}-attributes{attributes}")
+        names = (lambda n: tuple(str(k) for k in range(n)) if n else None)
+        schema = Schema(image_shape=shape, mask_classes=names(masks), attributes=names(attributes))
+        convert(out, dataset="standin", splits=splits, make_sample=_labelled_sample, schema=schema,
                 samples_per_shard=32, workers=1, meta={})
-        cache[(shape, mask_classes)] = out
-    if mask_classes:
-        return cache[(shape, mask_classes)]
+        cache[key] = out
+    if masks or attributes:
+        return cache[key]
     if shape not in cache:
         rng = np.random.default_rng(0)
         splits = {split: (rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n))
@@ -69,8 +75,11 @@ SLOW_CONFIGS = {"celebamask128_symeq.yaml"}
 def test_shipped_config_builds_and_trains_two_steps(name: str, tmp_path: Path, stand_ins: dict) -> None:
     shipped = load_config(ROOT / "configs" / name)
     seg = shipped.prior.kind == "masks"  # the image + segmentation model: stand-in label maps, pi(s) from them
-    shards = _stand_in(stand_ins, shipped.model.image_shape, shipped.model.num_classes if seg else 0)
-    masks = [f"prior.shards={shards}", "data.labelled_batch_size=4"] if seg else []
+    attributes = getattr(shipped.model, "label", None) == "attributes"
+    shards = _stand_in(stand_ins, shipped.model.image_shape, shipped.model.num_classes if seg else 0,
+                       shipped.model.num_classes if attributes else 0)
+    masks = [f"prior.shards={shards}"] if seg else []
+    masks += ["data.labelled_batch_size=4"] if seg or attributes else []
     cfg = load_config(ROOT / "configs" / name, [
         f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", *masks, "data.num_workers=0", "train.steps=2",
         "train.batch_size=4", "checkpoint.every=2", "monitor.log_every=1", "monitor.image_every=2",

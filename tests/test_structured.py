@@ -186,3 +186,79 @@ def test_miou_and_pixel_accuracy_match_a_hand_computed_example() -> None:
     assert conf.mean_iou() == pytest.approx((1 / 2 + 1 / 3 + 3 / 4) / 3)
     with pytest.raises(ValueError, match="differ in shape"):
         conf.update(predicted, target[:1])
+
+
+def _attribute_sample(record: dict):
+    """A 28 x 28 image whose quadrant k is bright exactly when attribute k is 1 (plus noise)."""
+    import numpy as np
+
+    from symeq_dist.data.schema import Sample
+
+    rng = np.random.default_rng(record["index"])
+    bits = rng.integers(0, 2, 4, dtype=np.uint8)
+    image = rng.integers(0, 60, (1, 28, 28), dtype=np.uint8)
+    for k, bit in enumerate(bits):
+        if bit:
+            image[0, 14 * (k // 2):14 * (k // 2) + 14, 14 * (k % 2):14 * (k % 2) + 14] += 180
+    return Sample(image=image, label=bits)
+
+
+@pytest.fixture(scope="module")
+def attribute_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from symeq_dist.data.schema import Schema
+    from symeq_dist.datasets.convert import convert
+
+    out = tmp_path_factory.mktemp("attributes") / "quadrants"
+    splits = {split: [{"index": offset + i} for i in range(n)] for split, n, offset in (("train", 96, 0),
+                                                                                       ("valid", 32, 96))}
+    convert(out, dataset="quadrants", splits=splits, make_sample=_attribute_sample,
+            schema=Schema(image_shape=(1, 28, 28), attributes=("q0", "q1", "q2", "q3")), samples_per_shard=32,
+            workers=1, meta={})
+    return out
+
+
+def test_attribute_bits_as_observed_latents_resume_exactly_and_are_scored(tmp_path: Path,
+                                                                         attribute_shards: Path) -> None:
+    from symeq_dist.data import build_eval_batches, to_float
+    from symeq_dist.errors import InputError
+    from symeq_dist.eval.classes import class_report
+    from symeq_dist.eval.model import load_trained
+    from symeq_dist.eval.options import EvalOptions
+
+    extra = ("model.kind=class_mlp", "model.label=attributes", "model.num_classes=4", "model.hidden=32",
+             "model.num_latents=4", "data.binarize_threshold=128", "data.labelled_fraction=0.25",
+             "data.labelled_batch_size=8", "checkpoint.every=3", "monitor.image_every=100")
+    run_training(load_config(None, tiny_overrides(tmp_path / "full", attribute_shards, *extra, "train.steps=6")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", attribute_shards, *extra, "train.steps=3")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", attribute_shards, *extra, "train.steps=6",
+                                                  "resume=true")))
+    full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "weights.pt", weights_only=True)
+                     for d in ("full", "cut"))
+    for name in ("encoder", "decoder"):
+        assert all(torch.equal(v, resumed[name][k]) for k, v in full[name].items()), name
+    pool = LabelledPool(attribute_shards, "train", fraction=0.25, observed="attributes", seed=0, rank=0)
+    rows = pool.draw(5)
+    assert len(pool) == 24 and rows["c"].shape == (5, 4) and torch.equal(rows["c"], rows["label"])
+    model = load_trained(tmp_path / "full")
+    section = class_report(model, EvalOptions(run_dir=tmp_path / "full", batch_size=16), tmp_path)
+    right, total = torch.zeros(4), 0
+    for batch in build_eval_batches(model.cfg.data, split="valid", batch_size=32):
+        with torch.no_grad():
+            logits = model.encoder.class_head(model.encoder.trunk(to_float(batch["image"], model.cfg.data)))
+        right += ((logits > 0) == batch["label"].bool()).sum(0)
+        total += len(logits)
+    assert section["n"] == 32 and section["per_attribute"]["q2"] == float(right[2] / total)
+    assert section["attribute_accuracy"] == pytest.approx(float(right.mean() / total))
+    from symeq_dist.api import evaluate
+    from symeq_dist.eval.features.classifier import train_classifier
+
+    train_classifier(attribute_shards, tmp_path / "clf.pt", epochs=1, seed=0, progress=False)
+    report = evaluate(EvalOptions(run_dir=tmp_path / "full", n=16, chain_steps=2, batch_size=16, tsne_points=8,
+                                  progress=False, features=tmp_path / "clf.pt"))
+    assert report["class_accuracy"]["attribute_accuracy"] == section["attribute_accuracy"]
+    assert "## Attribute latent" in (tmp_path / "full" / "eval" / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"data\.labels_per_class: attributes are labelled by fraction"):
+        load_config(None, tiny_overrides(tmp_path / "x", attribute_shards, *extra, "data.labels_per_class=5"))
+    with pytest.raises((ConfigError, InputError), match=r"model\.num_classes=3: .* have 4 attributes"):
+        run_training(load_config(None, tiny_overrides(tmp_path / "k", attribute_shards, *extra, "train.steps=1",
+                                                      "model.num_classes=3")))

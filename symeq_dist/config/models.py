@@ -227,12 +227,17 @@ class SegHVAEConfig(HVAEConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class ClassMLPConfig(ImageModelConfig):
-    """MLP VAE whose top latent is a class c (one-hot, uniform prior) above a Gaussian style latent z: labels enter
-    as observed values of c for the labelled rows (METHOD §7.4; `data.labels_per_class`)."""
+    """MLP VAE whose top latent is a class c (one-hot, uniform prior) or a vector of attribute bits above a Gaussian
+    style latent z: labels enter as observed values of c for the labelled rows (METHOD §7.4; `data.labels_per_class`,
+    or `data.labelled_fraction` for attributes)."""
 
     kind: Literal["class_mlp"] = "class_mlp"
+    label: Literal["class", "attributes"] = "class"
+    """class: c is one of K classes (one-hot, uniform prior; `data.labels_per_class`); attributes: c is K 0/1 attribute
+    bits (e.g. CelebA's 40; Bernoulli q(c | x), uniform-bits prior; `data.labelled_fraction` of the training images
+    keep their attribute vector)."""
     num_classes: int = 10
-    """K, the classes of c; must match the shards' class labels."""
+    """K, the classes (or attributes) of c; must match the shards' labels."""
     num_latents: int = 16
     """Dimension of the style latent z (Gaussian, p(z | c) learned per class)."""
     hidden: int = 512

@@ -37,9 +37,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         seg = isinstance(self.model, SegHVAEConfig)
-        check(self.data.labelled_fraction == 0 or seg, "data.labelled_fraction",
-              f"label maps enter as observed values of a segmentation latent, which model.kind={self.model.kind} has "
-              "not; use model.kind=seg_hvae or data.labelled_fraction=0")
+        attributes = isinstance(self.model, ClassMLPConfig) and self.model.label == "attributes"
+        check(self.data.labelled_fraction == 0 or seg or attributes, "data.labelled_fraction",
+              f"label maps or attribute vectors enter as observed values of a latent, which model.kind="
+              f"{self.model.kind} has not; use model.kind=seg_hvae, or class_mlp with model.label=attributes, or "
+              "data.labelled_fraction=0")
+        check(not attributes or self.data.labels_per_class == 0, "data.labels_per_class",
+              "attributes are labelled by fraction: set data.labelled_fraction instead (and labels_per_class=0)")
         check(not seg or self.game.kind == "symmetric", "game.kind",
               "elbo is not built for model.kind=seg_hvae: its label-map latent has no reparametrised sample and its "
               "prior pi(s) is known only through samples; use game.kind=symmetric")

@@ -1,4 +1,5 @@
-"""The labelled stream of the semi-supervised game (METHOD §7.4, §7.6): rows whose class or label map is observed.
+"""The labelled stream of the semi-supervised game (METHOD §7.4, §7.6): rows whose class, attribute vector or label
+map is observed.
 
 Classes: a pool of `data.labels_per_class` samples of every class of the training split (-1: every sample) is chosen
 once, identically on every rank: each sample gets a priority from a permutation seeded by the run's seed, and
@@ -8,10 +9,11 @@ every rank draws the same number of rows from the pool with replacement, from a 
 checkpoint makes a resume draw the same rows. Rows are uint8 images and one-hot float labels with a mask of
 ones (a mask entry 0 would make its row an unlabelled one).
 
-Label maps: the pool is the fraction `data.labelled_fraction` of the training split with the lowest priorities in
-a fixed permutation of the split (seeded by a constant, not the run's seed: every run of a data set shares its
-labelled images, and `prior.kind=masks` with the same fraction reads exactly the pool's masks); rows carry the
-map one-hot (K, H, W). Draws as for classes. Must not import models or engines.
+Label maps (and attribute vectors, `model.label: attributes`): the pool is the fraction `data.labelled_fraction` of
+the training split with the lowest priorities in a fixed permutation of the split (seeded by a constant, not the
+run's seed: every run of a data set shares its labelled images, and `prior.kind=masks` with the same fraction reads
+exactly the pool's masks); rows carry the map one-hot (K, H, W) or the A attribute bits. Draws as for classes.
+Must not import models or engines.
 """
 
 from __future__ import annotations
@@ -30,49 +32,60 @@ _POOL_PURPOSE = 0x1AB3  # first SeedSequence word of the pool's priorities and o
 _MAP_PURPOSE = 0x5E6  # the label-map pool's priorities (no run seed: fixed per data set)
 
 
-def label_map_pool(shards: str | Path, split: str, fraction: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The label-map pool of `split`: the round(fraction * N) samples (at least one) with the lowest priorities in
-    a fixed permutation of the split, in priority order (so it does not depend on the shard layout).
+def label_map_pool(shards: str | Path, split: str, fraction: float,
+                   observed: str = "maps") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The labelled pool of `split` by fraction: the round(fraction * N) samples (at least one) with the lowest
+    priorities in a fixed permutation of the split, in priority order (so it does not depend on the shard layout).
 
     Returns:
-        images uint8 (P, C, H, W), label maps int64 (P, H, W), and K (the manifest's mask classes).
+        images uint8 (P, C, H, W); for observed="maps" the label maps int64 (P, H, W) and K (the manifest's mask
+        classes), for observed="attributes" the 0/1 attribute vectors float (P, A) and A.
 
     Raises:
-        InputError: the shard set has no label maps (names the fix).
+        InputError: the shard set has no label maps / attributes (names the fix).
     """
     shards = Path(shards)
     manifest = load_manifest(shards)
-    if not manifest.get("mask"):
+    maps = observed == "maps"
+    if maps and not manifest.get("mask"):
         raise InputError(f"{shards} has no label maps (manifest.json has no `mask` entry); write a shard set with "
                          "masks (`symeq shards digits-seg`, `symeq shards celebamask-hq`) or set "
+                         "data.labelled_fraction=0")
+    if not maps and (manifest.get("label") or {}).get("kind") != "attributes":
+        raise InputError(f"{shards} has no attributes (manifest.json `label` is not of kind attributes); write a shard "
+                         "set with attributes (`symeq shards celeba`, `symeq shards celebamask-hq`) or set "
                          "data.labelled_fraction=0")
     total = manifest["splits"][split]["num_samples"]
     priority = np.random.default_rng([_MAP_PURPOSE]).permutation(total)
     size = max(1, round(fraction * total))
     keep = priority < size
-    images, maps, order = [], [], []
+    images, values, order = [], [], []
     index = 0
     for batch in iter_eval_batches(shards, manifest, split=split, batch_size=1000):
         chosen = np.flatnonzero(keep[index:index + len(batch["key"])])
         images.append(batch["image"][chosen])
-        maps.append(batch["mask"][chosen])
+        values.append(batch["mask" if maps else "label"][chosen])
         order.append(priority[index + chosen])
         index += len(batch["key"])
     rank = np.argsort(np.concatenate(order), kind="stable")
-    return (torch.cat(images)[rank], torch.cat(maps)[rank].long(), int(manifest["mask"]["num_classes"]))
+    if maps:
+        return torch.cat(images)[rank], torch.cat(values)[rank].long(), int(manifest["mask"]["num_classes"])
+    return torch.cat(images)[rank], torch.cat(values)[rank].float(), len(manifest["label"]["names"])
 
 
 class LabelledPool:
     """The labelled rows of a split: chosen once, drawn with replacement per rank (see the module docstring)."""
 
-    def __init__(self, shards: str | Path, split: str, *, per_class: int = 0, fraction: float = 0.0, seed: int,
-                 rank: int) -> None:
+    def __init__(self, shards: str | Path, split: str, *, per_class: int = 0, fraction: float = 0.0,
+                 observed: str = "maps", seed: int, rank: int) -> None:
         self._seed, self._rank = seed, rank
         self._gen = torch.Generator()
         self._gen.manual_seed(int(np.random.SeedSequence([_POOL_PURPOSE, seed, rank]).generate_state(1)[0]))
+        self.observed = "classes" if per_class else observed
         if fraction:
-            self.images, self.labels, self.num_classes = label_map_pool(shards, split, fraction)
-            self.description = f"{len(self.labels)} label maps ({fraction:g} of split {split!r})"
+            self.images, self.labels, self.num_classes = label_map_pool(shards, split, fraction, observed)
+            what = "label maps" if observed == "maps" else f"attribute vectors of {self.num_classes}"
+            self.description = f"{len(self.labels)} {what} ({fraction:g} of split {split!r})"
             return
         shards = Path(shards)
         manifest = load_manifest(shards)
@@ -105,11 +118,12 @@ class LabelledPool:
         return len(self.labels)
 
     def draw(self, num: int) -> dict[str, torch.Tensor]:
-        """`num` rows with replacement: image uint8 (num, C, H, W), label int64 (num,) or (num, H, W), c one-hot float
-        (num, K) or (num, K, H, W), c_mask ones (num,)."""
+        """`num` rows with replacement: image uint8 (num, C, H, W), label int64 (num,) or (num, H, W) or float (num, A),
+        c one-hot float (num, K) or (num, K, H, W) or the attribute bits (num, A), c_mask ones (num,)."""
         rows = torch.randint(len(self.labels), (num,), generator=self._gen)
         labels = self.labels[rows]
-        c = torch.nn.functional.one_hot(labels, self.num_classes).movedim(-1, 1).float()
+        c = (labels if self.observed == "attributes"
+             else torch.nn.functional.one_hot(labels, self.num_classes).movedim(-1, 1).float())
         return {"image": self.images[rows], "label": labels, "c": c, "c_mask": torch.ones(num)}
 
     def state_dict(self) -> dict[str, Any]:

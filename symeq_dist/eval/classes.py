@@ -1,4 +1,5 @@
-"""A class latent in `symeq eval` (semi-supervised runs, METHOD §7.4): accuracy, class-conditional samples, t-SNE.
+"""A class latent in `symeq eval` (semi-supervised runs, METHOD §7.4): accuracy, class-conditional samples, t-SNE;
+for attribute bits (`model.label: attributes`) the accuracy per attribute.
 
 For a model whose top latent is categorical and shards with class labels: the accuracy of argmax q(c | x) on
 the whole held-out split; `classes.png`, ten samples x ~ p(x | c) per class, one row per class; and
@@ -26,6 +27,8 @@ def class_report(model: TrainedModel, opts: EvalOptions, out_dir: Path) -> dict[
     """The class latent's section of the report (its figures written to `out_dir`), or None without one."""
     cfg = model.cfg
     label = load_manifest(cfg.data.shards).get("label", {"kind": "class"})
+    if getattr(cfg.model, "label", None) == "attributes":
+        return _attribute_report(model, opts, label or {})
     if model.decoder.top_family != "categorical" or label is None or label.get("kind") != "class":
         return None
     top, right, total = model.decoder.latent_names[0], 0, 0
@@ -55,3 +58,21 @@ def class_report(model: TrainedModel, opts: EvalOptions, out_dir: Path) -> dict[
                     title=f"held-out images: their {name} codes, coloured by class")
         report["figures"]["tsne_classes"] = "tsne_classes.png"
     return report
+
+
+def _attribute_report(model: TrainedModel, opts: EvalOptions, label: dict[str, Any]) -> dict[str, Any]:
+    """Attribute bits as the top latent: the accuracy of q(c_a | x) > 1/2 per attribute on the held-out split, and
+    their mean (no figures)."""
+    cfg, right, total = model.cfg, None, 0
+    for batch in build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=opts.batch_size):
+        x = to_float(batch["image"], cfg.data).to(model.device)
+        with torch.no_grad():
+            z, _ = model.encoder.sample(x, model.decoder, torch.Generator(device=model.device))
+            q = model.encoder.conditionals(x, z, model.decoder)["c"]
+        hits = ((q.mean() > 0.5).cpu() == batch["label"].bool()).sum(0)
+        right = hits if right is None else right + hits
+        total += len(x)
+    per = (right.double() / max(total, 1)).tolist() if right is not None else []
+    return {"attribute_accuracy": sum(per) / max(len(per), 1), "per_attribute": dict(zip(label.get("names", []),
+            per, strict=False)), "n": total, "split": cfg.data.eval_split,
+            "labelled_fraction": cfg.data.labelled_fraction, "figures": {}}

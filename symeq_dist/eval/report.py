@@ -176,7 +176,12 @@ def _md_scalars(results: dict[str, Any]) -> list[str]:
                   f"Negative ELBO {num(bpd.get('elbo_bpd'))} bits/dim on {bpd.get('num_images')} images of the "
                   f"`{bpd.get('split')}` split, the encoder as proposal{bound}{note}.", ""]
     classes = results.get("class_accuracy")
-    if classes:
+    if classes and "attribute_accuracy" in classes:
+        lines += ["## Attribute latent", "",
+                  f"Mean over attributes of the accuracy of q(c_a | x) > 1/2 on the {classes.get('n')} images of the "
+                  f"`{classes.get('split')}` split: {num(classes.get('attribute_accuracy'))} (trained with "
+                  f"data.labelled_fraction = {classes.get('labelled_fraction')}).", ""]
+    elif classes:
         lines += ["## Class latent", "",
                   f"Accuracy of argmax q(c | x) on the {classes.get('n')} images of the `{classes.get('split')}` "
                   f"split: {num(classes.get('accuracy'))} (trained with data.labels_per_class = "

@@ -367,7 +367,8 @@ def _log_tensorboard(run_dir: Path, results: dict[str, Any], tsne_image: np.ndar
     if results["probe"] is not None:
         scalars["eval/probe_accuracy"] = results["probe"]["accuracy"]
     if results.get("class_accuracy") is not None:
-        scalars["eval/class_accuracy"] = results["class_accuracy"]["accuracy"]
+        key = "attribute_accuracy" if "attribute_accuracy" in results["class_accuracy"] else "accuracy"
+        scalars[f"eval/{key}"] = results["class_accuracy"][key]
     if results.get("segmentation") is not None:
         scalars.update({f"eval/segmentation/{key}": results["segmentation"][key]
                         for key in ("miou", "pixel_accuracy", "cycle_miou", "cycle_pixel_accuracy")})

@@ -69,6 +69,10 @@ def build_prior(cfg: PriorConfig, decoder: Decoder, *, device: torch.device | No
             raise ConfigError(f"prior.kind: {kind} draws {prior.family} samples, but the decoder's top latent "
                               f"{top!r} is {family} with shape {shape}; use prior.kind={_AUTO[family]} (or auto)")
         return prior
+    if cfg.kind == "masks" and tuple(prior.shape) != tuple(shape):
+        raise ConfigError(f"model.num_classes / model.image_shape: the label maps of {cfg.shards} are "
+                          f"{tuple(prior.shape)} (classes, height, width), the model's top latent {top!r} is "
+                          f"{tuple(shape)}; set model.num_classes={prior.shape[0]} (and the image side to match)")
     if (tuple(prior.shape), prior.family) != (tuple(shape), family):
         raise ConfigError(f"prior.kind={cfg.kind}: {prior.source} draws {prior.family} codes of shape "
                           f"{tuple(prior.shape)}, but the decoder's top latent {top!r} is {family} with shape "

@@ -6,6 +6,8 @@ a trunk h = MLP(x) (two tanh hidden layers), q(c | x) = softmax(W h), q(z | x, c
 the encoder factorises like the decoder (c first), so a label can be clamped: `Encoder.sample(..., observed=
 {"c": onehot, "c_mask": m})` keeps c = onehot on the rows with m = 1 and draws c ~ q(c | x) on the others (the
 draws are made for every row, so a row with m = 0 is exactly an unlabelled row), then z ~ q(z | x, c).
+With `model.label: attributes`, c is a vector of 0/1 attribute bits instead (Bernoulli q(c | x), uniform-bits pi(c),
+CelebA's 40 attributes as observed bits, METHOD §7.4), the rest unchanged.
 
 Labels as observed latents (`game/symmetric.py`): the decoder also trains on labelled rows with c clamped and z
 imputed by the encoder, the encoder adds -log q(c | x) of those rows. The ELBO baseline is refused for this
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from symeq_dist.config import ClassMLPConfig
-from symeq_dist.models.distributions import Distribution, Gaussian, OneHotCategorical
+from symeq_dist.models.distributions import Bernoulli, Distribution, Gaussian, OneHotCategorical
 from symeq_dist.models.layers import XHead, draw, mlp, unpack, x_offset_shape
 from symeq_dist.models.players import Decoder, Encoder, Latents, Players, Sample
 
@@ -33,7 +35,7 @@ class ClassMLPDecoder(Decoder):
         super().__init__()
         self.latent_names = ("c", "z")
         self.latent_shapes = {"c": (cfg.num_classes,), "z": (cfg.num_latents,)}
-        self.top_family = "categorical"
+        self.top_family = "categorical" if cfg.label == "class" else "bernoulli"
         self.z_given_c = nn.Linear(cfg.num_classes, 2 * cfg.num_latents)
         nn.init.zeros_(self.z_given_c.weight)  # starts at N(0, I) for every class
         nn.init.zeros_(self.z_given_c.bias)
@@ -59,6 +61,7 @@ class ClassMLPEncoder(Encoder):
         sizes = [math.prod(cfg.image_shape), cfg.hidden, cfg.hidden]
         self.trunk = nn.Sequential(nn.Flatten(1), mlp(sizes, nn.Tanh, final_activation=True))
         self.class_head = nn.Linear(cfg.hidden, cfg.num_classes)
+        self._q_c = OneHotCategorical if cfg.label == "class" else Bernoulli
         self.z_head = nn.Linear(cfg.hidden + cfg.num_classes, 2 * cfg.num_latents)
 
     def _q_z(self, h: Tensor, c: Tensor) -> Distribution:
@@ -68,7 +71,7 @@ class ClassMLPEncoder(Encoder):
     def _sample(self, x: Tensor, decoder: Decoder, generator: torch.Generator | None = None,
                 reparam: bool = False, observed: Latents | None = None) -> Sample:
         h = self.trunk(x)
-        q_c = OneHotCategorical(self.class_head(h))
+        q_c = self._q_c(self.class_head(h))
         c = draw(q_c, generator, reparam)
         if observed is not None and "c" in observed:  # labelled rows keep their label
             mask = observed["c_mask"].to(c.dtype).unsqueeze(1)
@@ -78,7 +81,7 @@ class ClassMLPEncoder(Encoder):
 
     def _conditionals(self, x: Tensor, z: Latents, decoder: Decoder) -> dict[str, Distribution]:
         h = self.trunk(x)
-        return {"c": OneHotCategorical(self.class_head(h)), "z": self._q_z(h, z["c"])}
+        return {"c": self._q_c(self.class_head(h)), "z": self._q_z(h, z["c"])}
 
 
 def build_players(cfg: ClassMLPConfig) -> Players:
