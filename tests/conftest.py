@@ -41,6 +41,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra}
 
 
+def torchrun_train(overrides: list[str], nproc: int = 2) -> None:
+    """`symeq train` under torchrun on `nproc` local processes, every setting from `overrides` (an empty config)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    empty = Path(tempfile.mkdtemp()) / "defaults.yaml"
+    empty.write_text("{}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "symeq_dist.cli", "train", str(empty), *overrides]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def tiny_overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     """A fast run: tiny MLP VAE (unless `extra` sets another model.kind), micro batch 16, logs every step."""
     kind = [e for e in extra if e.startswith("model.kind=")]

@@ -49,8 +49,8 @@ def _stand_in(cache: dict, shape: tuple[int, ...], masks: int = 0, attributes: i
         splits = {split: [{"index": offset + i, "shape": list(shape), "masks": masks, "attributes": attributes}
                           for i in range(n)] for split, n, offset in (("train", 64, 0), ("valid", 32, 64))}
         out = cache["root"] / ("x".join(map(str, shape)) + f"-masks{masks}-attributes{attributes}")
-        names = (lambda n: tuple(str(k) for k in range(n)) if n else None)
-        schema = Schema(image_shape=shape, mask_classes=names(masks), attributes=names(attributes))
+        masks_names, attribute_names = (tuple(str(k) for k in range(n)) if n else None for n in (masks, attributes))
+        schema = Schema(image_shape=shape, mask_classes=masks_names, attributes=attribute_names)
         convert(out, dataset="standin", splits=splits, make_sample=_labelled_sample, schema=schema,
                 samples_per_shard=32, workers=1, meta={})
         cache[key] = out

@@ -18,7 +18,7 @@ from symeq_dist.datasets.packed import write_shards
 from symeq_dist.models import build_players
 from symeq_dist.models.logistic_mixture import DiscretizedLogisticMixture, num_params
 from symeq_dist.priors import build_prior
-from tests.conftest import ROOT
+from tests.conftest import ROOT, torchrun_train
 
 STAGES = (StageConfig(resolution=1, width=16, groups=1), StageConfig(resolution=4, width=16, groups=2),
           StageConfig(resolution=8, width=8, groups=1), StageConfig(resolution=16, width=8, groups=1))
@@ -204,21 +204,6 @@ def smoke32(run_dir: Path, shards: Path, *extra: str) -> list[str]:
             f"engines.ds_config={ROOT / 'ds_config.json'}", *extra]
 
 
-def _torchrun(overrides: list[str]) -> None:
-    import subprocess
-    import sys
-    import tempfile
-
-    from tests.conftest import subprocess_env
-
-    empty = Path(tempfile.mkdtemp()) / "defaults.yaml"  # every setting below comes from the overrides
-    empty.write_text("{}\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "symeq_dist.cli", "train", str(empty), *overrides]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 @pytest.mark.dist
 def test_sharded_checkpointed_run_equals_the_plain_run_and_resumes_exactly(tmp_path: Path, shards32: Path) -> None:
     """2 processes: decoder at ZeRO-3 with activation checkpointing + encoder at ZeRO-1 ends with the weights (and
@@ -228,10 +213,10 @@ def test_sharded_checkpointed_run_equals_the_plain_run_and_resumes_exactly(tmp_p
 
     sharded = ("engines.decoder.zero_stage=3", "engines.encoder.zero_stage=1", "model.checkpoint_cells=true")
     plain = ("engines.decoder.zero_stage=0", "engines.encoder.zero_stage=0")
-    _torchrun(smoke32(tmp_path / "sharded", shards32, *sharded, "train.steps=4", "checkpoint.every=2"))
-    _torchrun(smoke32(tmp_path / "plain", shards32, *plain, "train.steps=4", "checkpoint.every=2"))
-    _torchrun(smoke32(tmp_path / "cut", shards32, *sharded, "train.steps=2", "checkpoint.every=2"))
-    _torchrun(smoke32(tmp_path / "cut", shards32, *sharded, "train.steps=4", "checkpoint.every=2", "resume=true"))
+    torchrun_train(smoke32(tmp_path / "sharded", shards32, *sharded, "train.steps=4", "checkpoint.every=2"))
+    torchrun_train(smoke32(tmp_path / "plain", shards32, *plain, "train.steps=4", "checkpoint.every=2"))
+    torchrun_train(smoke32(tmp_path / "cut", shards32, *sharded, "train.steps=2", "checkpoint.every=2"))
+    torchrun_train(smoke32(tmp_path / "cut", shards32, *sharded, "train.steps=4", "checkpoint.every=2", "resume=true"))
     weights = {name: checkpoint.read_weights(checkpoint.step_dir(tmp_path / name, 4))
                for name in ("sharded", "plain", "cut")}
     for part in ("trained", "ema"):

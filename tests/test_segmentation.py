@@ -23,7 +23,7 @@ from symeq_dist.game import base as game
 from symeq_dist.game.symmetric import SymmetricGame
 from symeq_dist.models import build_players
 from symeq_dist.priors import MaskPrior
-from tests.conftest import ROOT
+from tests.conftest import ROOT, torchrun_train
 
 K = 11
 STAGES = (StageConfig(resolution=1, width=16, groups=1), StageConfig(resolution=4, width=16, groups=1),
@@ -192,30 +192,15 @@ def test_eval_reports_the_segmentation_scores_and_the_figure_grids(tmp_path: Pat
     assert report["diagnostics"]["codes"]["skipped"].startswith(f"{K * 32 * 32} dimensions")
 
 
-def _torchrun(overrides: list[str]) -> None:
-    import subprocess
-    import sys
-    import tempfile
-
-    from tests.conftest import subprocess_env
-
-    empty = Path(tempfile.mkdtemp()) / "defaults.yaml"
-    empty.write_text("{}\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "symeq_dist.cli", "train", str(empty), *overrides]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 @pytest.mark.dist
 def test_two_processes_at_zero2_train_and_resume_exactly(tmp_path: Path, seg32: Path) -> None:
     """Both players at ZeRO-2 on 2 processes: 4 steps straight, and 2 + 2 with a resume, end bitwise equal."""
     from symeq_dist.runtime import checkpoint
 
     zero2 = ("engines.decoder.zero_stage=2", "engines.encoder.zero_stage=2", "checkpoint.every=2")
-    _torchrun(seg_overrides(tmp_path / "full", seg32, *zero2, "train.steps=4"))
-    _torchrun(seg_overrides(tmp_path / "cut", seg32, *zero2, "train.steps=2"))
-    _torchrun(seg_overrides(tmp_path / "cut", seg32, *zero2, "train.steps=4", "resume=true"))
+    torchrun_train(seg_overrides(tmp_path / "full", seg32, *zero2, "train.steps=4"))
+    torchrun_train(seg_overrides(tmp_path / "cut", seg32, *zero2, "train.steps=2"))
+    torchrun_train(seg_overrides(tmp_path / "cut", seg32, *zero2, "train.steps=4", "resume=true"))
     full, cut = (checkpoint.read_weights(checkpoint.step_dir(tmp_path / n, 4)) for n in ("full", "cut"))
     for player in ("encoder", "decoder"):
         assert full[player].keys() == cut[player].keys()

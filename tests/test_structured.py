@@ -117,18 +117,22 @@ def test_the_labelled_pool_is_the_same_on_every_rank_draws_equally_and_resumes(m
     assert len(everything) == 4500
 
 
-def test_a_semi_supervised_run_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path: Path,
-                                                                           mnist_shards: Path) -> None:
-    extra = ("model.kind=class_mlp", "model.hidden=32", "model.num_latents=4", "data.labels_per_class=5",
-             "data.labelled_batch_size=8", "checkpoint.every=3", "monitor.image_every=100")
-    run_training(load_config(None, tiny_overrides(tmp_path / "full", mnist_shards, *extra, "train.steps=6")))
-    run_training(load_config(None, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=3")))
-    run_training(load_config(None, tiny_overrides(tmp_path / "cut", mnist_shards, *extra, "train.steps=6",
-                                                  "resume=true")))
+def _assert_resumes_exactly(tmp_path: Path, shards: Path, extra: tuple[str, ...]) -> None:
+    """6 steps straight (run `full`) and 3 + 3 with a resume (run `cut`) end with bitwise equal weights."""
+    run_training(load_config(None, tiny_overrides(tmp_path / "full", shards, *extra, "train.steps=6")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", shards, *extra, "train.steps=3")))
+    run_training(load_config(None, tiny_overrides(tmp_path / "cut", shards, *extra, "train.steps=6", "resume=true")))
     full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "weights.pt", weights_only=True)
                      for d in ("full", "cut"))
     for name in ("encoder", "decoder"):
         assert all(torch.equal(v, resumed[name][k]) for k, v in full[name].items()), name
+
+
+def test_a_semi_supervised_run_resumes_exactly_and_refuses_what_it_cannot_do(tmp_path: Path,
+                                                                           mnist_shards: Path) -> None:
+    extra = ("model.kind=class_mlp", "model.hidden=32", "model.num_latents=4", "data.labels_per_class=5",
+             "data.labelled_batch_size=8", "checkpoint.every=3", "monitor.image_every=100")
+    _assert_resumes_exactly(tmp_path, mnist_shards, extra)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
     assert state["labelled"]["size"] == 50
     with pytest.raises(ConfigError, match=r"elbo is not built for model\.kind=class_mlp"):
@@ -228,14 +232,7 @@ def test_attribute_bits_as_observed_latents_resume_exactly_and_are_scored(tmp_pa
     extra = ("model.kind=class_mlp", "model.label=attributes", "model.num_classes=4", "model.hidden=32",
              "model.num_latents=4", "data.binarize_threshold=128", "data.labelled_fraction=0.25",
              "data.labelled_batch_size=8", "checkpoint.every=3", "monitor.image_every=100")
-    run_training(load_config(None, tiny_overrides(tmp_path / "full", attribute_shards, *extra, "train.steps=6")))
-    run_training(load_config(None, tiny_overrides(tmp_path / "cut", attribute_shards, *extra, "train.steps=3")))
-    run_training(load_config(None, tiny_overrides(tmp_path / "cut", attribute_shards, *extra, "train.steps=6",
-                                                  "resume=true")))
-    full, resumed = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "weights.pt", weights_only=True)
-                     for d in ("full", "cut"))
-    for name in ("encoder", "decoder"):
-        assert all(torch.equal(v, resumed[name][k]) for k, v in full[name].items()), name
+    _assert_resumes_exactly(tmp_path, attribute_shards, extra)
     pool = LabelledPool(attribute_shards, "train", fraction=0.25, observed="attributes", seed=0, rank=0)
     rows = pool.draw(5)
     assert len(pool) == 24 and rows["c"].shape == (5, 4) and torch.equal(rows["c"], rows["label"])
