@@ -36,11 +36,11 @@ class Pairs:
 
 @dataclass
 class Labelled:
-    """Rows whose top (class) latent is observed (METHOD §7.4): x, the one-hot class c, and a mask (1 = observed;
-    a row with 0 is an unlabelled row)."""
+    """Rows whose top latent is observed (METHOD §7.4, §7.6): x, its value c (a class, attribute bits or a label map),
+    and a mask (1 = observed; a row with 0 is an unlabelled row)."""
 
     x: Tensor     # (b_l, C, H, W)
-    c: Tensor     # (b_l, K) one-hot
+    c: Tensor     # (b_l, K) one-hot class or 0/1 attributes, or (b_l, K, H, W) one-hot label map
     mask: Tensor  # (b_l,)
 
 

@@ -27,7 +27,8 @@ def encoder_loss(encoder: nn.Module, decoder: nn.Module, pairs: Pairs) -> Terms:
 
 
 def supervised_loss(encoder: nn.Module, decoder: nn.Module, rows: Labelled, pairs: Pairs) -> Terms:
-    """-log q_phi(c | x) of the observed classes: the mean over the rows whose mask is 1."""
+    """-log q_phi(c | x) of the observed top latent (class, attribute bits or label map): the mean over the rows whose
+    mask is 1."""
     top = decoder.latent_names[0]
     q_c = encoder.conditionals(rows.x, pairs.z, decoder)[top]
     observed = rows.mask.float()

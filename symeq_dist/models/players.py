@@ -137,8 +137,9 @@ class Encoder(OpModule):
 
         reparam=False: plain sampling (callers wrap it in no_grad); decoder terms are computed under
         no_grad. reparam=True (ELBO): rsample (Gaussian / ZGR) at every layer and decoder terms keep
-        their graph, so theta gets gradients through the shared top-down path. `observed` (families with a
-        class latent): {"c": values, "c_mask": (B,) 1 where observed}: those rows keep their values.
+        their graph, so theta gets gradients through the shared top-down path. `observed` (families with an
+        observed top latent: class_mlp's "c", seg_hvae's "s"): {name: values, f"{name}_mask": (B,) 1 where observed}:
+        those rows keep their values.
 
         Returns:
             z for every latent and the q-distributions used, both keyed by latent name.
