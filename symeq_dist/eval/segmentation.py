@@ -133,9 +133,9 @@ def _style_transfer(model: TrainedModel, x: Tensor, s: Tensor, gen: torch.Genera
 
 @torch.no_grad()
 def _rows(model: TrainedModel, x: Tensor, s: Tensor, gen: torch.Generator, chain_steps: int) -> Tensor:
-    """The paper's Fig. 4: data x and s; the mean of p(x | s, z) with z ~ q(z | x, s) and argmax q(s | x); the last
-    two rows a pair (x, s) of the limiting chain after `chain_steps` steps (x the mode/mean of p(x | s, z), s the
-    chain's own draw from q(s | x))."""
+    """The paper's Fig. 4: data x and s; the picture of p(x | s, z) (mode for Bernoulli x, mean for Gaussian) with
+    z ~ q(z | x, s), and argmax q(s | x); the last two rows a pair (x, s) of the limiting chain after `chain_steps`
+    steps (x the picture of p(x | s, z), s the chain's own draw from q(s | x))."""
     num_classes = s.shape[1]
     recon = sampling.output_image(model.decoder.x_dist(_given(model, x, s, gen)))
     segmented = model.encoder.segment(x).logits.argmax(1)
