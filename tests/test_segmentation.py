@@ -130,6 +130,7 @@ def test_the_label_map_pool_is_fixed_per_data_set_and_the_mask_prior_draws_its_m
     prior = MaskPrior(PriorConfig(kind="masks", shards=str(seg32), mask_fraction=0.25))
     drawn = prior.sample(40, torch.Generator().manual_seed(3), torch.device("cpu")).argmax(1)
     assert prior.shape == (K, 32, 32) and all(any(torch.equal(d, m) for m in maps) for d in drawn)
+    assert prior._maps is pools[2].labels  # the prior and the pool of a run share one read of the split
     assert torch.equal(drawn, prior.next_codes(40, torch.Generator().manual_seed(3), torch.device("cpu")).argmax(1))
     with pytest.raises(InputError, match="no label maps"):
         label_map_pool(mnist_shards, "train", 0.5)

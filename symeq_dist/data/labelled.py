@@ -18,6 +18,7 @@ Must not import models or engines.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def label_map_pool(shards: str | Path, split: str, fraction: float,
     """The labelled pool of `split` by fraction: the round(fraction * N) samples (at least one) with the lowest
     priorities in a fixed permutation of the split, in priority order (so it does not depend on the shard layout).
 
+    The last pool read is kept (keyed by the manifest's path and modification time): a run's masks prior and its
+    labelled pool ask for the same one at start-up, and the split is decoded once. Callers must not modify it.
+
     Returns:
         images uint8 (P, C, H, W); for observed="maps" the label maps int64 (P, H, W) and K (the manifest's mask
         classes), for observed="attributes" the 0/1 attribute vectors float (P, A) and A.
@@ -44,7 +48,15 @@ def label_map_pool(shards: str | Path, split: str, fraction: float,
     Raises:
         InputError: the shard set has no label maps / attributes (names the fix).
     """
-    shards = Path(shards)
+    shards = Path(shards).resolve()
+    manifest_file = shards / "manifest.json"
+    stamp = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
+    return _read_pool(shards, split, fraction, observed, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_pool(shards: Path, split: str, fraction: float, observed: str,
+               stamp: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     manifest = load_manifest(shards)
     maps = observed == "maps"
     if maps and not manifest.get("mask"):
