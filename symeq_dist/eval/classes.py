@@ -9,6 +9,7 @@ their class (the paper's Fig. 2).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,12 @@ def class_report(model: TrainedModel, opts: EvalOptions, out_dir: Path) -> dict[
     top, right, total = model.decoder.latent_names[0], 0, 0
     codes: list[Tensor] = []
     labels: list[Tensor] = []
-    for batch in build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=opts.batch_size):
-        x = to_float(batch["image"], cfg.data).to(model.device)
-        with torch.no_grad():
-            z, _ = model.encoder.sample(x, model.decoder, torch.Generator(device=model.device))
-            q = model.encoder.conditionals(x, z, model.decoder)
+    for batch, q in _held_out_posteriors(model, opts):
         right += int((q[top].mean().argmax(dim=1).cpu() == batch["label"]).sum())
         total += len(batch["label"])
         if sum(map(len, labels)) < opts.tsne_points:
-            codes.append(torch.cat([q[name].mean().reshape(len(x), -1).float().cpu() for name in q if name != top], 1))
+            rows = len(batch["label"])
+            codes.append(torch.cat([q[name].mean().reshape(rows, -1).float().cpu() for name in q if name != top], 1))
             labels.append(batch["label"])
     report: dict[str, Any] = {"accuracy": right / max(total, 1), "n": total, "split": cfg.data.eval_split,
                               "labels_per_class": cfg.data.labels_per_class, "figures": {"classes": "classes.png"}}
@@ -64,15 +62,22 @@ def _attribute_report(model: TrainedModel, opts: EvalOptions, label: dict[str, A
     """Attribute bits as the top latent: the accuracy of q(c_a | x) > 1/2 per attribute on the held-out split, and
     their mean (no figures)."""
     cfg, right, total = model.cfg, None, 0
-    for batch in build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=opts.batch_size):
-        x = to_float(batch["image"], cfg.data).to(model.device)
-        with torch.no_grad():
-            z, _ = model.encoder.sample(x, model.decoder, torch.Generator(device=model.device))
-            q = model.encoder.conditionals(x, z, model.decoder)["c"]
-        hits = ((q.mean() > 0.5).cpu() == batch["label"].bool()).sum(0)
+    for batch, q in _held_out_posteriors(model, opts):
+        hits = ((q["c"].mean() > 0.5).cpu() == batch["label"].bool()).sum(0)
         right = hits if right is None else right + hits
-        total += len(x)
+        total += len(batch["label"])
     per = (right.double() / max(total, 1)).tolist() if right is not None else []
     return {"attribute_accuracy": sum(per) / max(len(per), 1), "per_attribute": dict(zip(label.get("names", []),
             per, strict=False)), "n": total, "split": cfg.data.eval_split,
             "labelled_fraction": cfg.data.labelled_fraction, "figures": {}}
+
+
+def _held_out_posteriors(model: TrainedModel, opts: EvalOptions) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """Every batch of the held-out split with the encoder's q-factors at a draw z ~ q(z | x) of its own."""
+    cfg = model.cfg
+    for batch in build_eval_batches(cfg.data, split=cfg.data.eval_split, batch_size=opts.batch_size):
+        x = to_float(batch["image"], cfg.data).to(model.device)
+        with torch.no_grad():
+            z, _ = model.encoder.sample(x, model.decoder, torch.Generator(device=model.device))
+            q = model.encoder.conditionals(x, z, model.decoder)
+        yield batch, q
